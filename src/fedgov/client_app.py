@@ -1,0 +1,126 @@
+"""Flower ClientApp: each node is one data cooperative that keeps its own data.
+
+This file only translates Messages into calls of ``fedgov.task`` and back.
+Node identity comes from ``context.node_config`` (``partition-id``), run-wide
+settings from ``context.run_config`` (or the Config handed to
+``build_client_app`` by ``fedgov.simulate``), per-round values from the message.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from .config import Config
+from .data import Cooperative, build_federation
+from .models import build_model
+from .task import evaluate, make_loader, resolve_device, train
+
+__all__ = ["app", "build_client_app"]
+
+
+class _Node:
+    """What a node needs for one message: its config, cooperative and device."""
+
+    def __init__(self, context: Context, config: Config | None) -> None:
+        self.config = config if config is not None else Config.from_flat(context.run_config)
+        cfg = self.config
+        self.federation = build_federation(cfg.data, seed=cfg.seed)
+        partition_id = int(context.node_config["partition-id"])
+        num_partitions = int(context.node_config.get("num-partitions", self.federation.num_cooperatives))
+        if num_partitions != self.federation.num_cooperatives or not (
+                0 <= partition_id < self.federation.num_cooperatives):
+            raise ValueError(
+                f"node config partition-id={partition_id} num-partitions={num_partitions} does not fit "
+                f"the run's {self.federation.num_cooperatives} cooperatives (data.num_cooperatives)")
+        self.cooperative: Cooperative = self.federation.cooperatives[partition_id]
+        self.device = resolve_device(cfg.runtime.device)
+        # Simulated clients share the machine's cores; one thread each avoids oversubscription
+        # and keeps CPU results reproducible.
+        torch.set_num_threads(1)
+
+    def model_from(self, message: Message) -> torch.nn.Module:
+        cfg = self.config
+        model = build_model(cfg.model.name, input_shape=self.federation.input_shape,
+                            num_classes=self.federation.num_classes, hidden=cfg.model.hidden)
+        model.load_state_dict(message.content["arrays"].to_torch_state_dict())
+        return model
+
+
+def _handle_query(message: Message, node: _Node) -> Message:
+    stats = node.cooperative.stats()
+    content = RecordDict({
+        "cooperative": MetricRecord({
+            "partition-id": node.cooperative.id,
+            "num-examples": stats["num_examples"],
+            "num-train": stats["num_train"],
+            "num-test": stats["num_test"],
+            "label-counts": [int(c) for c in stats["label_counts"]],
+        }),
+        "identity": ConfigRecord({"name": node.cooperative.name}),
+    })
+    return Message(content=content, reply_to=message)
+
+
+def _handle_train(message: Message, node: _Node) -> Message:
+    cfg = node.config
+    round_config = message.content["config"]
+    server_round = int(round_config.get("server-round", 0))
+    model = node.model_from(message)
+    coop = node.cooperative
+    started = time.perf_counter()
+    # q-FedAvg needs the loss of the *received* model on local data.
+    loss_before = evaluate(model, coop.train.x, coop.train.y, device=node.device).loss
+    loader = make_loader(coop.train.x, coop.train.y, batch_size=cfg.train.batch_size, shuffle=True,
+                         seed=cfg.seed * 1_000_003 + server_round * 1_009 + coop.id)
+    result = train(model, loader, epochs=cfg.train.local_epochs, lr=cfg.train.lr,
+                   momentum=cfg.train.momentum, device=node.device,
+                   proximal_mu=float(round_config.get("proximal-mu", 0.0)))
+    metrics = MetricRecord({
+        "num-examples": result.num_examples,
+        "partition-id": coop.id,
+        "train_loss": loss_before,
+        "local_loss": result.train_loss,
+        "steps": result.steps,
+        "seconds_local_train": time.perf_counter() - started,
+    })
+    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
+    return Message(content=content, reply_to=message)
+
+
+def _handle_evaluate(message: Message, node: _Node) -> Message:
+    model = node.model_from(message)
+    coop = node.cooperative
+    result = evaluate(model, coop.test.x, coop.test.y, device=node.device)
+    metrics = MetricRecord({
+        "num-examples": result.num_examples,
+        "partition-id": coop.id,
+        "eval_loss": result.loss,
+        "eval_acc": result.accuracy,
+    })
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=message)
+
+
+def build_client_app(config: Config | None = None) -> ClientApp:
+    """The ClientApp; with ``config`` it ignores ``context.run_config`` (used by fedgov.simulate)."""
+    client_app = ClientApp()
+
+    @client_app.query()
+    def query(message: Message, context: Context) -> Message:
+        return _handle_query(message, _Node(context, config))
+
+    @client_app.train()
+    def train_(message: Message, context: Context) -> Message:
+        return _handle_train(message, _Node(context, config))
+
+    @client_app.evaluate()
+    def evaluate_(message: Message, context: Context) -> Message:
+        return _handle_evaluate(message, _Node(context, config))
+
+    return client_app
+
+
+app = build_client_app()

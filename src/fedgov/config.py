@@ -1,0 +1,294 @@
+"""One typed, validated configuration for every fedgov run.
+
+Configs are TOML files (``configs/*.toml``) whose tables mirror the dataclasses
+below. Any key can be overridden with a dotted ``KEY=VALUE`` string, and the
+whole config round-trips through the flat ``{"data.alpha": 0.5, ...}`` form
+that Flower uses for ``run_config``, so the simulation engine and the
+Deployment Engine see exactly the same settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "StrategyConfig",
+    "RuntimeConfig",
+    "load_config",
+    "parse_override",
+]
+
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parents[2] / "configs" / "default.toml"
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased as one line that names the key (and file)."""
+
+
+def _spec(default: Any, *, choices: tuple | None = None, low: float | None = None,
+          high: float | None = None, low_open: bool = False, doc: str = "") -> Any:
+    """A dataclass field carrying its validation rule."""
+    meta = {"choices": choices, "low": low, "high": high, "low_open": low_open, "doc": doc}
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = _spec("digits", choices=("digits", "breast_cancer", "synthetic", "csv"),
+                         doc="which data the cooperatives hold")
+    partition: str = _spec("dirichlet", choices=("iid", "dirichlet", "powerlaw", "natural"),
+                           doc="how the data is split into cooperatives")
+    num_cooperatives: int = _spec(10, low=1, high=10_000, doc="number of cooperatives (clients)")
+    alpha: float = _spec(0.5, low=0.0, low_open=True, doc="Dirichlet concentration (label skew)")
+    powerlaw_exponent: float = _spec(1.5, low=0.0, low_open=True,
+                                     doc="size skew of the powerlaw partition: larger = whalier")
+    min_examples: int = _spec(10, low=1, doc="fewest training examples any cooperative holds")
+    test_fraction: float = _spec(0.2, low=0.0, high=0.9, low_open=True,
+                                 doc="share of all data held out as the global test set")
+    local_test_fraction: float = _spec(0.2, low=0.0, high=0.9, low_open=True,
+                                       doc="share of each cooperative's data kept as its local test split")
+    path: str = _spec("", doc="CSV file (dataset = 'csv')")
+    label_column: str = _spec("label", doc="CSV column holding the class label")
+    cooperative_column: str = _spec("", doc="CSV column naming each row's cooperative (natural partition)")
+    synthetic_alpha: float = _spec(1.0, low=0.0, doc="Synthetic(alpha, beta): model heterogeneity")
+    synthetic_beta: float = _spec(1.0, low=0.0, doc="Synthetic(alpha, beta): feature heterogeneity")
+    synthetic_features: int = _spec(60, low=1, doc="Synthetic: input dimension")
+    synthetic_classes: int = _spec(10, low=2, doc="Synthetic: number of classes")
+    synthetic_samples: int = _spec(4000, low=10, doc="Synthetic: total examples over all cooperatives")
+
+
+@dataclass
+class ModelConfig:
+    name: str = _spec("mlp", choices=("logreg", "mlp", "cnn"), doc="model architecture")
+    hidden: int = _spec(64, low=1, doc="hidden width of the MLP / channels of the CNN")
+
+
+@dataclass
+class TrainConfig:
+    rounds: int = _spec(20, low=1, doc="federated rounds")
+    local_epochs: int = _spec(2, low=1, doc="local epochs per round")
+    batch_size: int = _spec(16, low=1, doc="local mini-batch size")
+    lr: float = _spec(0.05, low=0.0, low_open=True, doc="local SGD learning rate")
+    momentum: float = _spec(0.9, low=0.0, high=0.999, doc="local SGD momentum")
+
+
+@dataclass
+class StrategyConfig:
+    name: str = _spec("fedavg", choices=("fedavg", "fedprox", "median", "trimmed_mean", "krum",
+                                         "multikrum", "bulyan", "qfedavg"),
+                      doc="aggregation strategy (Flower's implementations)")
+    fraction_train: float = _spec(1.0, low=0.0, high=1.0, low_open=True,
+                                  doc="share of cooperatives sampled each round")
+    proximal_mu: float = _spec(0.01, low=0.0, doc="FedProx proximal term")
+    trim_beta: float = _spec(0.2, low=0.0, high=0.49, doc="trimmed mean: share cut at each end")
+    num_malicious: int = _spec(0, low=0, doc="Krum/Bulyan: assumed number of attackers")
+    qfedavg_q: float = _spec(0.2, low=0.0, doc="q-FedAvg fairness parameter")
+
+
+@dataclass
+class RuntimeConfig:
+    device: str = _spec("auto", choices=("auto", "cpu", "cuda"), doc="where clients train")
+    client_cpus: float = _spec(1.0, low=0.0, low_open=True, doc="CPUs reserved per simulated client")
+    client_gpu_fraction: float = _spec(0.25, low=0.0, high=1.0,
+                                       doc="GPU share per simulated client when training on CUDA")
+    out: str = _spec("runs", doc="folder under which run directories are made")
+
+
+@dataclass
+class Config:
+    seed: int = _spec(0, low=0, doc="fixes partitions, initialisation and client sampling")
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    # ---- conversions -------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_flat(self) -> dict[str, Any]:
+        """Dotted keys and scalar values, as Flower's ``run_config`` holds them."""
+        return _flatten(self.to_dict())
+
+    @classmethod
+    def from_flat(cls, flat: typing.Mapping[str, Any], *, source: str = "run_config") -> Config:
+        """Rebuild from dotted keys; keys that are not fedgov's are an error."""
+        return build_config(_unflatten(dict(flat)), source=source)
+
+    def to_toml(self) -> str:
+        import tomli_w
+
+        return tomli_w.dumps(self.to_dict())
+
+    def hash(self) -> str:
+        """Hash of everything that can change the metrics (not where they are written)."""
+        payload = self.to_dict()
+        payload["runtime"] = {k: v for k, v in payload["runtime"].items() if k == "device"}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+    def replace(self, **dotted: Any) -> Config:
+        """A copy with dotted keys overridden and validated, e.g. ``replace(**{"data.alpha": 1.0})``."""
+        flat = self.to_flat()
+        for key, value in dotted.items():
+            _check_known(key, "override")
+            flat[key] = value
+        return Config.from_flat(flat, source="override")
+
+
+# ---- validation ---------------------------------------------------------------
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any, where: str) -> Any:
+    # bool is an int subclass in Python; keep them apart so `rounds = true` is an error.
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and (type(value) is not tp):
+        raise ConfigError(f"{where}: {key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _check_range(key: str, value: Any, meta: typing.Mapping[str, Any], where: str) -> None:
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{where}: {key}: {value!r} is not one of {', '.join(map(str, choices))}")
+    low, high = meta.get("low"), meta.get("high")
+    if low is not None and (value < low or (meta.get("low_open") and value == low)):
+        op = ">" if meta.get("low_open") else ">="
+        raise ConfigError(f"{where}: {key}: {value!r} is out of range (must be {op} {low})")
+    if high is not None and value > high:
+        raise ConfigError(f"{where}: {key}: {value!r} is out of range (must be <= {high})")
+
+
+def _build(cls: type, raw: typing.Mapping[str, Any], prefix: str, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            raise ConfigError(f"{where}: {prefix}{key}: unknown key")
+    kwargs = {}
+    for name, f in names.items():
+        key = f"{prefix}{name}"
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            sub = raw.get(name, {})
+            if not isinstance(sub, dict):
+                raise ConfigError(f"{where}: {key}: expected a table, got {type(sub).__name__}")
+            kwargs[name] = _build(tp, sub, f"{key}.", where)
+        elif name in raw:
+            value = _coerce(key, raw[name], tp, where)
+            _check_range(key, value, f.metadata, where)
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _cross_check(cfg: Config, where: str) -> None:
+    data = cfg.data
+    if data.dataset == "csv" and not data.path:
+        raise ConfigError(f"{where}: data.path: required when data.dataset = 'csv'")
+    if data.partition == "natural" and data.dataset not in ("csv", "synthetic"):
+        raise ConfigError(f"{where}: data.partition: 'natural' needs a dataset with cooperatives "
+                          f"of its own ('csv' with data.cooperative_column, or 'synthetic')")
+    if data.partition == "natural" and data.dataset == "csv" and not data.cooperative_column:
+        raise ConfigError(f"{where}: data.cooperative_column: required for data.partition = 'natural'")
+    if data.num_cooperatives < 2 and data.partition != "natural":
+        raise ConfigError(f"{where}: data.num_cooperatives: a federation needs at least 2 cooperatives")
+    if cfg.model.name == "cnn" and data.dataset != "digits":
+        raise ConfigError(f"{where}: model.name: 'cnn' needs image data (data.dataset = 'digits')")
+
+
+def build_config(raw: typing.Mapping[str, Any], *, source: str = "config") -> Config:
+    cfg = _build(Config, raw, "", source)
+    _cross_check(cfg, source)
+    return cfg
+
+
+# ---- flat dotted form ----------------------------------------------------------------
+
+def _flatten(d: typing.Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _unflatten(flat: typing.Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: {p} is a value, not a table")
+        node[leaf] = value
+    return out
+
+
+_KNOWN_KEYS = frozenset(Config().to_flat())
+
+
+def _check_known(key: str, where: str) -> None:
+    if key not in _KNOWN_KEYS:
+        raise ConfigError(f"{where}: {key}: unknown key")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"data.alpha=0.1"`` -> ``("data.alpha", 0.1)``; values are TOML (bare words are strings)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE")
+    _check_known(key, "--set")
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word such as `fedprox`
+    return key, value
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a TOML file (default ``configs/default.toml``) and apply ``KEY=VALUE`` overrides."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG_PATH
+    if not path.is_file():
+        if path == DEFAULT_CONFIG_PATH:
+            raw: dict[str, Any] = {}  # an installed package without the repo's configs/
+        else:
+            raise ConfigError(f"{path}: no such config file")
+    else:
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    flat = _flatten(raw)
+    for key in flat:
+        _check_known(key, str(path))
+    for text in overrides:
+        key, value = parse_override(text)
+        flat[key] = value
+    source = str(path) if not overrides else f"{path} with --set"
+    return Config.from_flat(flat, source=source)

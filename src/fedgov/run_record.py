@@ -1,0 +1,167 @@
+"""What a run leaves behind: ``config.toml``, ``metrics.jsonl``, ``summary.json``, a checkpoint.
+
+Every file is replaced atomically, and the checkpoint (the global model after the
+last finished round) lets an interrupted run resume where it stopped.
+"""
+
+from __future__ import annotations
+
+import io
+import platform
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord
+
+from .config import Config
+from .results import atomic_write_text, read_jsonl, write_json, write_jsonl
+from .strategies.recorder import RoundLog
+
+__all__ = ["RunRecord", "Checkpoint", "fairness", "library_versions"]
+
+CHECKPOINT = "checkpoint.npz"
+
+
+def library_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in ("flwr", "torch", "opacus", "tenseal", "numpy", "scikit-learn"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def fairness(accuracies: list[float]) -> dict[str, float | None]:
+    """Spread of per-cooperative accuracy: the worst-off cooperative matters as much as the mean."""
+    if not accuracies:
+        return {"worst": None, "mean": None, "best": None, "std": None}
+    a = np.asarray(accuracies, dtype=float)
+    return {"worst": float(a.min()), "mean": float(a.mean()), "best": float(a.max()), "std": float(a.std())}
+
+
+@dataclass
+class Checkpoint:
+    round: int
+    arrays: ArrayRecord
+
+    @staticmethod
+    def load(run_dir: Path) -> Checkpoint | None:
+        path = run_dir / CHECKPOINT
+        if not path.is_file():
+            return None
+        with np.load(path) as data:
+            names = [str(n) for n in data["__names__"]]
+            arrays = {name: data[f"a{i}"] for i, name in enumerate(names)}
+            done = int(data["__round__"])
+        import torch
+
+        return Checkpoint(round=done, arrays=ArrayRecord({k: torch.from_numpy(v) for k, v in arrays.items()}))
+
+
+class RunRecord:
+    def __init__(self, run_dir: Path, cfg: Config, *, cooperatives: dict[int, dict[str, Any]],
+                 num_parameters: int, device: str) -> None:
+        self.run_dir = Path(run_dir)
+        self.cfg = cfg
+        self.cooperatives = dict(sorted(cooperatives.items()))
+        self.num_parameters = num_parameters
+        self.device = device
+        self.rows: list[dict[str, Any]] = []
+        self.resumed_from: int | None = None
+        atomic_write_text(self.run_dir / "config.toml", cfg.to_toml())
+
+    @property
+    def rounds_done(self) -> int:
+        return len(self.rows)
+
+    def restore(self, checkpoint: Checkpoint) -> None:
+        path = self.run_dir / "metrics.jsonl"
+        rows = read_jsonl(path) if path.is_file() else []
+        # metrics.jsonl is written before the checkpoint, so it may hold one round more.
+        self.rows = [r for r in rows if r["round"] <= checkpoint.round]
+        if len(self.rows) != checkpoint.round:
+            raise RuntimeError(f"{path}: holds {len(self.rows)} rounds but the checkpoint is at "
+                               f"round {checkpoint.round}; cannot resume")
+        self.resumed_from = checkpoint.round
+
+    def add_round(self, log: RoundLog | None, *, accuracy: float, loss: float) -> dict[str, Any]:
+        assert log is not None
+        coop_acc = {str(c): m["eval_acc"] for c, m in sorted(log.client_eval.items()) if "eval_acc" in m}
+        local_seconds = [m.get("seconds_local_train", 0.0) for m in log.client_train.values()]
+        row = {
+            "round": log.round,
+            "accuracy": accuracy,
+            "loss": loss,
+            "seconds": time.perf_counter() - log.started,
+            "bytes_up": log.bytes_up,
+            "bytes_down": log.bytes_down,
+            "participants": len(log.participants),
+            "sampled": log.sampled,
+            "failures": log.failures,
+            "phase_seconds": {
+                "train": log.seconds_train,
+                "local_train_max": max(local_seconds, default=0.0),
+                "aggregate": log.seconds_aggregate,
+                "evaluate": log.seconds_evaluate,
+            },
+            "cooperative_accuracy": coop_acc,
+            **{f"{k}_cooperative_accuracy": v for k, v in fairness(list(coop_acc.values())).items()
+               if k in ("worst", "std")},
+        }
+        self.rows.append(row)
+        write_jsonl(self.run_dir / "metrics.jsonl", self.rows)
+        return row
+
+    def save_checkpoint(self, arrays: ArrayRecord) -> None:
+        names = list(arrays.keys())
+        payload = {f"a{i}": arrays[name].numpy() for i, name in enumerate(names)}
+        buffer = io.BytesIO()
+        np.savez(buffer, __names__=np.array(names), __round__=np.array(self.rounds_done), **payload)
+        path = self.run_dir / CHECKPOINT
+        tmp = path.with_name(f".{CHECKPOINT}.tmp")
+        tmp.write_bytes(buffer.getvalue())
+        tmp.replace(path)
+
+    def summary(self, *, wall_seconds: float) -> dict[str, Any]:
+        cfg = self.cfg
+        last = self.rows[-1] if self.rows else {}
+        final_acc = last.get("cooperative_accuracy", {})
+        rounds = max(len(self.rows), 1)
+        cooperatives = []
+        for coop_id, stats in self.cooperatives.items():
+            took_part = sum(coop_id in r["sampled"] and coop_id not in
+                            [f["cooperative"] for f in r["failures"]] for r in self.rows)
+            cooperatives.append({**stats, "accuracy": final_acc.get(str(coop_id)),
+                                 "participation": took_part / rounds})
+        accuracies = [c["accuracy"] for c in cooperatives if c["accuracy"] is not None]
+        return {
+            "run_id": self.run_dir.name,
+            "config_hash": cfg.hash(),
+            "seed": cfg.seed,
+            "final_accuracy": last.get("accuracy"),
+            "final_loss": last.get("loss"),
+            "rounds": len(self.rows),
+            "wall_seconds": wall_seconds,
+            "resumed_from_round": self.resumed_from,
+            "device": self.device,
+            "machine": {"platform": platform.platform(), "processor": platform.processor() or None},
+            "versions": library_versions(),
+            "dataset": cfg.data.dataset,
+            "partition": cfg.data.partition,
+            "model": {"name": cfg.model.name, "num_parameters": self.num_parameters},
+            "strategy": cfg.strategy.name,
+            "bytes_up": sum(r["bytes_up"] for r in self.rows),
+            "bytes_down": sum(r["bytes_down"] for r in self.rows),
+            "cooperatives": cooperatives,
+            "fairness": fairness(accuracies),
+        }
+
+    def finish(self, *, wall_seconds: float) -> dict[str, Any]:
+        summary = self.summary(wall_seconds=wall_seconds)
+        write_json(self.run_dir / "summary.json", summary)
+        return summary

@@ -1,0 +1,133 @@
+"""Flower ServerApp: reads the config, builds a strategy and calls ``strategy.start``.
+
+The round loop is Flower's. fedgov adds a discovery query (which node holds which
+cooperative), a seeded cohort sampler and a recorder around the strategy
+(``fedgov.strategies.RoundRecorder``), a central evaluation on the server-held
+global test set, and the run directory (``fedgov.run_record``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from .config import Config
+from .data import build_federation
+from .models import build_model, count_parameters
+from .results import new_run_dir
+from .run_record import Checkpoint, RunRecord
+from .strategies import CohortSampler, RoundRecorder, build_strategy
+from .task import evaluate, resolve_device
+
+__all__ = ["app", "build_server_app", "run_federation", "FederationError"]
+
+NODE_WAIT_SECONDS = 300.0
+
+
+class FederationError(RuntimeError):
+    """The federation cannot run as configured (missing nodes, mismatched cooperatives)."""
+
+
+def _wait_for_nodes(grid: Grid, expected: int, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while len(nodes := sorted(grid.get_node_ids())) < expected:
+        if time.monotonic() > deadline:
+            raise FederationError(f"only {len(nodes)} of {expected} cooperatives connected within "
+                                  f"{timeout:.0f} s (data.num_cooperatives = {expected})")
+        time.sleep(0.5)
+    return nodes
+
+
+def discover_cooperatives(grid: Grid, node_ids: list[int], timeout: float
+                          ) -> tuple[dict[int, int], dict[int, dict[str, Any]]]:
+    """Ask every node which cooperative it is; node ids are random, cooperative ids are not."""
+    messages = [Message(content=RecordDict({"config": ConfigRecord({})}), message_type=MessageType.QUERY,
+                        dst_node_id=node) for node in node_ids]
+    node_to_coop: dict[int, int] = {}
+    stats: dict[int, dict[str, Any]] = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            raise FederationError(f"node {node} could not load its cooperative: {reply.error.reason}")
+        record = reply.content["cooperative"]
+        coop = int(record["partition-id"])
+        if coop in stats:
+            raise FederationError(f"two nodes claim cooperative {coop} (check each SuperNode's partition-id)")
+        node_to_coop[node] = coop
+        stats[coop] = {"id": coop, "name": str(reply.content["identity"]["name"]),
+                       "num_examples": int(record["num-examples"]), "num_train": int(record["num-train"]),
+                       "num_test": int(record["num-test"]),
+                       "label_counts": [int(c) for c in record["label-counts"]]}
+    missing = set(range(len(node_ids))) - set(stats)
+    if missing:
+        raise FederationError(f"no reply from cooperative(s) {sorted(missing)}")
+    return node_to_coop, stats
+
+
+def run_federation(grid: Grid, cfg: Config, run_dir: Path, *,
+                   on_round: Callable[[dict[str, Any]], None] | None = None) -> RunRecord:
+    """Train the federation for ``train.rounds`` rounds, resuming from ``run_dir``'s checkpoint if any."""
+    wall_start = time.perf_counter()
+    federation = build_federation(cfg.data, seed=cfg.seed)
+    device = resolve_device(cfg.runtime.device)
+    torch.set_num_threads(1)
+
+    nodes = _wait_for_nodes(grid, federation.num_cooperatives, NODE_WAIT_SECONDS)
+    node_to_coop, coop_stats = discover_cooperatives(grid, nodes, timeout=NODE_WAIT_SECONDS)
+
+    model = build_model(cfg.model.name, input_shape=federation.input_shape,
+                        num_classes=federation.num_classes, hidden=cfg.model.hidden, seed=cfg.seed)
+    record = RunRecord(run_dir, cfg, cooperatives=coop_stats, num_parameters=count_parameters(model),
+                       device=str(device))
+    checkpoint = Checkpoint.load(run_dir)
+    if checkpoint is not None:
+        record.restore(checkpoint)
+        initial_arrays = checkpoint.arrays
+    else:
+        initial_arrays = ArrayRecord(model.state_dict())
+    done = record.rounds_done
+    if done >= cfg.train.rounds:
+        return record
+
+    recorder = RoundRecorder(build_strategy(cfg), node_to_cooperative=node_to_coop,
+                             sampler=CohortSampler(seed=cfg.seed, fraction=cfg.strategy.fraction_train),
+                             round_offset=done)
+    test = federation.global_test
+
+    def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        model.load_state_dict(arrays.to_torch_state_dict())
+        result = evaluate(model, test.x, test.y, device=device)
+        if server_round > 0:  # Flower's round 0 is the starting model
+            row = record.add_round(recorder.current, accuracy=result.accuracy, loss=result.loss)
+            record.save_checkpoint(arrays)
+            if on_round is not None:
+                on_round(row)
+        return MetricRecord({"accuracy": result.accuracy, "loss": result.loss})
+
+    recorder.start(grid, initial_arrays, num_rounds=cfg.train.rounds - done,
+                   evaluate_fn=central_evaluate)
+    record.finish(wall_seconds=time.perf_counter() - wall_start)
+    return record
+
+
+def build_server_app(config: Config | None = None, run_dir: Path | None = None,
+                     on_round: Callable[[dict[str, Any]], None] | None = None) -> ServerApp:
+    """The ServerApp; with ``config`` it ignores ``context.run_config`` (used by fedgov.simulate)."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        cfg = config if config is not None else Config.from_flat(context.run_config)
+        directory = run_dir if run_dir is not None else new_run_dir(cfg.runtime.out, cfg.hash())
+        run_federation(grid, cfg, directory, on_round=on_round)
+
+    return server_app
+
+
+app = build_server_app()

@@ -1,0 +1,155 @@
+"""A strategy wrapper that samples the cohort deterministically and records each round.
+
+It delegates every decision about aggregation to the wrapped Flower strategy and
+only adds what fedgov measures: who was asked, who answered, bytes each way,
+time per phase and every cooperative's own metrics. Replies are put in
+cooperative order before aggregation so that floating-point sums, and hence the
+metrics, do not depend on the order in which messages happen to arrive.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+__all__ = ["CohortSampler", "RoundRecorder", "RoundLog"]
+
+
+class CohortSampler:
+    """Seeded choice of which cooperatives train in a round (independent of node ids)."""
+
+    def __init__(self, *, seed: int, fraction: float) -> None:
+        self.seed = seed
+        self.fraction = fraction
+
+    def sample(self, server_round: int, cooperative_ids: Iterable[int]) -> list[int]:
+        ids = sorted(cooperative_ids)
+        size = max(1, round(self.fraction * len(ids)))
+        if size >= len(ids):
+            return ids
+        rng = np.random.default_rng([self.seed, server_round])
+        return sorted(int(i) for i in rng.choice(ids, size=size, replace=False))
+
+
+class _NodeSubsetGrid:
+    """A view of the Grid that shows only the sampled nodes to the inner strategy."""
+
+    def __init__(self, grid: Grid, node_ids: list[int]) -> None:
+        self._grid = grid
+        self._node_ids = node_ids
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._node_ids)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+def _payload_bytes(message: Message) -> int:
+    return sum(record.count_bytes() for record in message.content.array_records.values())
+
+
+@dataclass
+class RoundLog:
+    """What happened in one round, as seen by the aggregator."""
+
+    round: int
+    sampled: list[int]
+    started: float
+    bytes_down: int = 0
+    bytes_up: int = 0
+    participants: list[int] = field(default_factory=list)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    client_train: dict[int, dict[str, float]] = field(default_factory=dict)
+    client_eval: dict[int, dict[str, float]] = field(default_factory=dict)
+    seconds_train: float = 0.0
+    seconds_aggregate: float = 0.0
+    seconds_evaluate: float = 0.0
+
+
+class RoundRecorder(Strategy):
+    """Wraps a Flower strategy; see the module docstring."""
+
+    def __init__(self, inner: Strategy, *, node_to_cooperative: dict[int, int],
+                 sampler: CohortSampler, round_offset: int = 0) -> None:
+        self.inner = inner
+        self.node_to_cooperative = dict(node_to_cooperative)
+        self.cooperative_to_node = {c: n for n, c in self.node_to_cooperative.items()}
+        self.sampler = sampler
+        # A resumed run restarts Flower's loop at 1; clients and the sampler must see the true round.
+        self.round_offset = round_offset
+        self.current: RoundLog | None = None
+        self._phase_start = 0.0
+
+    # -- helpers ---------------------------------------------------------------
+    def _cooperative_of(self, message: Message) -> int:
+        return self.node_to_cooperative.get(message.metadata.src_node_id, -1)
+
+    def _in_cooperative_order(self, replies: Iterable[Message]) -> list[Message]:
+        return sorted(replies, key=self._cooperative_of)
+
+    def _metrics_of(self, message: Message) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for record in message.content.metric_records.values():
+            out.update({k: v for k, v in record.items() if isinstance(v, (int, float))})
+        return out
+
+    # -- Strategy interface ------------------------------------------------------
+    def summary(self) -> None:
+        self.inner.summary()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        started = time.perf_counter()
+        server_round += self.round_offset
+        sampled = self.sampler.sample(server_round, self.cooperative_to_node)
+        nodes = [self.cooperative_to_node[c] for c in sampled]
+        messages = list(self.inner.configure_train(server_round, arrays, config,
+                                                   _NodeSubsetGrid(grid, nodes)))
+        self.current = RoundLog(round=server_round, sampled=sampled, started=started,
+                                bytes_down=sum(_payload_bytes(m) for m in messages))
+        self._phase_start = time.perf_counter()
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
+        log = self.current
+        assert log is not None and log.round == server_round
+        log.seconds_train = time.perf_counter() - self._phase_start
+        replies = self._in_cooperative_order(replies)
+        for reply in replies:
+            coop = self._cooperative_of(reply)
+            if reply.has_error():
+                log.failures.append({"cooperative": coop, "reason": reply.error.reason})
+                continue
+            log.participants.append(coop)
+            log.bytes_up += _payload_bytes(reply)
+            log.client_train[coop] = self._metrics_of(reply)
+        started = time.perf_counter()
+        result = self.inner.aggregate_train(server_round, replies)
+        log.seconds_aggregate = time.perf_counter() - started
+        return result
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        self._phase_start = time.perf_counter()
+        return self.inner.configure_evaluate(server_round + self.round_offset, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        server_round += self.round_offset
+        log = self.current
+        assert log is not None and log.round == server_round
+        replies = self._in_cooperative_order(replies)
+        for reply in replies:
+            if not reply.has_error():
+                log.client_eval[self._cooperative_of(reply)] = self._metrics_of(reply)
+        log.seconds_evaluate = time.perf_counter() - self._phase_start
+        return self.inner.aggregate_evaluate(server_round, replies)
