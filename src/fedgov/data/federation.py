@@ -1,0 +1,260 @@
+"""From a DataConfig to a federation: a global test set and the cooperatives' data.
+
+Steps: load the dataset; hold out a stratified global test set; partition the rest
+into cooperatives; split each cooperative into local train and test. Each step has its
+own seeded random stream, so one seed gives one federation. Results are cached per
+process, so every simulated client that calls :func:`build_federation` with the same
+config shares one build (treat the arrays as read-only for that reason).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedgov.config import DataConfig
+from fedgov.data.datasets import LoadedData, largest_remainder, load_dataset, standardize
+from fedgov.data.partition import partition_indices
+
+__all__ = ["Split", "Cooperative", "Federation", "build_federation", "clear_cache",
+           "federation_summary"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, eq=False)
+class Split:
+    x: np.ndarray  # (n, d) float32, flat even for images: reshape with Federation.input_shape
+    y: np.ndarray  # (n,) int64
+    index: np.ndarray  # (n,) row numbers in the loaded dataset, for tracing rows
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+
+@dataclass(frozen=True, eq=False)
+class Cooperative:
+    id: int
+    name: str
+    train: Split
+    test: Split
+    num_classes: int
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.train) + len(self.test)
+
+    def label_counts(self) -> list[int]:
+        y = np.concatenate([self.train.y, self.test.y])
+        return np.bincount(y, minlength=self.num_classes).astype(int).tolist()
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "num_examples": self.num_examples,
+            "num_train": len(self.train),
+            "num_test": len(self.test),
+            "label_counts": self.label_counts(),
+        }
+
+
+@dataclass(frozen=True, eq=False)
+class Federation:
+    dataset: str
+    partition: str
+    seed: int
+    num_classes: int
+    input_shape: tuple[int, ...]  # (d,) for tabular data, (1, 8, 8) for digits
+    num_features: int
+    class_names: tuple[str, ...]
+    global_test: Split
+    cooperatives: list[Cooperative]
+
+    @property
+    def num_cooperatives(self) -> int:
+        return len(self.cooperatives)
+
+
+# ---- splitting helpers --------------------------------------------------------------
+
+def _test_count(n: int, fraction: float, *, min_test: int = 0, max_test: int | None = None) -> int:
+    k = math.floor(fraction * n + 0.5)  # round half up, unlike Python's round()
+    k = max(k, min_test)
+    if max_test is not None:
+        k = min(k, max_test)
+    return max(0, min(k, n))
+
+
+def _local_bounds(n: int) -> tuple[int, int]:
+    # At least one local test example once there are two, and never the last training one.
+    return (1, n - 1) if n >= 2 else (0, 0)
+
+
+def _stratified_split(labels: np.ndarray, *, fraction: float, rng: np.random.Generator,
+                      min_test: int = 0, max_test: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (train, test), sorted, with each class's share of the test set as
+    close to its share of ``labels`` as whole numbers allow."""
+    n = len(labels)
+    k = _test_count(n, fraction, min_test=min_test, max_test=max_test)
+    classes, counts = np.unique(labels, return_counts=True)
+    alloc = largest_remainder(counts * (k / n)) if n else counts
+    test = [rng.permutation(np.flatnonzero(labels == c))[:a] for c, a in zip(classes, alloc)]
+    test_pos = np.sort(np.concatenate(test)) if test else np.empty(0, dtype=np.int64)
+    mask = np.ones(n, dtype=bool)
+    mask[test_pos] = False
+    return np.flatnonzero(mask), test_pos
+
+
+def _min_partition_size(min_train: int, local_test_fraction: float) -> int:
+    """Fewest rows a cooperative needs so its local train split keeps ``min_train``."""
+    size = max(min_train, 1)
+    while True:
+        lo, hi = _local_bounds(size)
+        if size - _test_count(size, local_test_fraction, min_test=lo, max_test=hi) >= min_train:
+            return size
+        size += 1
+
+
+def _global_holdout(data: LoadedData, cfg: DataConfig,
+                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Rows (pool, global test). Natural partitions hold out the fraction from every group
+    (never its last row), so every cooperative keeps data."""
+    if cfg.partition != "natural" or data.groups is None:
+        return _stratified_split(data.y, fraction=cfg.test_fraction, rng=rng)
+    pools, tests = [], []
+    for g in np.unique(data.groups):
+        rows = np.flatnonzero(data.groups == g)
+        keep, held = _stratified_split(data.y[rows], fraction=cfg.test_fraction, rng=rng,
+                                       max_test=len(rows) - 1)
+        pools.append(rows[keep])
+        tests.append(rows[held])
+    return np.sort(np.concatenate(pools)), np.sort(np.concatenate(tests))
+
+
+def _split(x: np.ndarray, y: np.ndarray, rows: np.ndarray) -> Split:
+    return Split(x=x[rows], y=y[rows], index=rows)
+
+
+# ---- building -------------------------------------------------------------------------
+
+def _build(cfg: DataConfig, seed: int) -> Federation:
+    data = load_dataset(cfg, seed=seed)
+    streams = np.random.SeedSequence(seed).spawn(2)
+    pool, global_test = _global_holdout(data, cfg, np.random.default_rng(streams[0]))
+
+    x = data.x
+    if data.standardized:
+        # Refit the scaler on the federation's rows only, so the global test set's
+        # feature statistics do not leak into training.
+        x = standardize(x, rows=pool)
+
+    groups = data.groups[pool] if data.groups is not None else None
+    parts = partition_indices(
+        data.y[pool], scheme=cfg.partition, num_partitions=cfg.num_cooperatives, alpha=cfg.alpha,
+        powerlaw_exponent=cfg.powerlaw_exponent,
+        min_size=_min_partition_size(cfg.min_examples, cfg.local_test_fraction),
+        groups=groups, seed=seed)
+
+    local_seeds = streams[1].spawn(len(parts))
+    cooperatives = []
+    for cid, part in enumerate(parts):
+        rows = pool[part]
+        lo, hi = _local_bounds(len(rows))
+        keep, held = _stratified_split(data.y[rows], fraction=cfg.local_test_fraction,
+                                       rng=np.random.default_rng(local_seeds[cid]),
+                                       min_test=lo, max_test=hi)
+        name = f"coop-{cid}"
+        if cfg.partition == "natural" and data.group_names is not None:
+            name = data.group_names[int(data.groups[rows[0]])]
+        cooperatives.append(Cooperative(id=cid, name=name, train=_split(x, data.y, rows[keep]),
+                                        test=_split(x, data.y, rows[held]),
+                                        num_classes=data.num_classes))
+
+    if cfg.partition == "natural":
+        small = [c.name for c in cooperatives if len(c.train) < cfg.min_examples]
+        if small:
+            log.warning("%d natural cooperatives train on fewer than data.min_examples = %d "
+                        "examples (e.g. %s)", len(small), cfg.min_examples, small[0])
+
+    return Federation(
+        dataset=data.name, partition=cfg.partition, seed=seed, num_classes=data.num_classes,
+        input_shape=data.image_shape or (data.num_features,), num_features=data.num_features,
+        class_names=data.class_names, global_test=_split(x, data.y, global_test),
+        cooperatives=cooperatives)
+
+
+def _file_stamp(cfg: DataConfig) -> tuple[int, int] | None:
+    # A CSV edited between two builds must not be served from the cache.
+    if cfg.dataset != "csv":
+        return None
+    try:
+        st = Path(cfg.path).stat()
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _build_cached(fields: tuple[Any, ...], stamp: tuple[int, int] | None, seed: int) -> Federation:
+    return _build(DataConfig(*fields), seed)
+
+
+def build_federation(cfg: DataConfig, *, seed: int) -> Federation:
+    """The federation ``cfg`` describes, built once per (config, seed) in each process."""
+    return _build_cached(dataclasses.astuple(cfg), _file_stamp(cfg), seed)
+
+
+def clear_cache() -> None:
+    """Forget cached federations (tests, or a long-lived process that reloads data)."""
+    _build_cached.cache_clear()
+
+
+# ---- summaries --------------------------------------------------------------------------
+
+def _gini(sizes: np.ndarray) -> float:
+    """0 when every cooperative is the same size, towards 1 when one holds everything."""
+    if len(sizes) == 0 or sizes.sum() == 0:
+        return 0.0
+    diffs = np.abs(sizes[:, None] - sizes[None, :]).sum()
+    return float(diffs / (2 * len(sizes) ** 2 * sizes.mean()))
+
+
+def federation_summary(fed: Federation) -> dict[str, Any]:
+    """Overall numbers for a 'cooperatives' table, plus each cooperative's stats."""
+    stats = [c.stats() for c in fed.cooperatives]
+    sizes = np.array([s["num_examples"] for s in stats], dtype=np.float64)
+    counts = np.array([s["label_counts"] for s in stats], dtype=np.float64)
+    counts = counts.reshape(len(stats), fed.num_classes)
+    overall = counts.sum(axis=0) / max(counts.sum(), 1.0)
+    local = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1.0)
+    federated = int(sizes.sum())
+    return {
+        "dataset": fed.dataset,
+        "partition": fed.partition,
+        "seed": fed.seed,
+        "num_cooperatives": fed.num_cooperatives,
+        "num_classes": fed.num_classes,
+        "num_features": fed.num_features,
+        "total_examples": federated + len(fed.global_test),
+        "federated_examples": federated,
+        "num_train": int(sum(s["num_train"] for s in stats)),
+        "num_local_test": int(sum(s["num_test"] for s in stats)),
+        "global_test_examples": len(fed.global_test),
+        "min_size": int(sizes.min()) if len(sizes) else 0,
+        "median_size": float(np.median(sizes)) if len(sizes) else 0.0,
+        "max_size": int(sizes.max()) if len(sizes) else 0,
+        "largest_share": float(sizes.max() / federated) if federated else 0.0,
+        "gini": _gini(sizes),
+        # Mean total-variation distance between a cooperative's label mix and the
+        # federation's: 0 for identical mixes, 1 for disjoint ones.
+        "label_skew": float(0.5 * np.abs(local - overall).sum(axis=1).mean()) if len(stats) else 0.0,
+        "cooperatives": stats,
+    }

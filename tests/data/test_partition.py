@@ -1,0 +1,124 @@
+"""partition_indices: every scheme is deterministic, disjoint and covering, and skews
+the data the way its name says."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedgov.data import DataError, partition_indices
+from fedgov.data.partition import SCHEMES, powerlaw_sizes
+
+LABELS = np.repeat(np.arange(10), 150)  # 1500 rows, 10 balanced classes
+GROUPS = np.random.default_rng(7).integers(0, 6, size=LABELS.size)
+
+
+def split(scheme: str, *, seed: int = 0, labels: np.ndarray = LABELS, num_partitions: int = 10,
+          alpha: float = 0.5, exponent: float = 1.5, min_size: int = 10,
+          groups: np.ndarray | None = GROUPS) -> list[np.ndarray]:
+    return partition_indices(labels, scheme=scheme, num_partitions=num_partitions, alpha=alpha,
+                             powerlaw_exponent=exponent, min_size=min_size, groups=groups, seed=seed)
+
+
+def label_entropy(labels: np.ndarray, parts: list[np.ndarray]) -> float:
+    """Mean entropy (nats) of the partitions' label mixes: low = label-skewed."""
+    out = []
+    for p in parts:
+        q = np.bincount(labels[p], minlength=10) / len(p)
+        out.append(-(q[q > 0] * np.log(q[q > 0])).sum())
+    return float(np.mean(out))
+
+
+@pytest.mark.parametrize("scheme", sorted(SCHEMES))
+def test_disjoint_sorted_and_covering(scheme: str) -> None:
+    parts = split(scheme)
+    assert all(len(p) > 0 for p in parts)
+    assert all(np.all(np.diff(p) > 0) for p in parts)  # sorted, no repeats
+    joined = np.concatenate(parts)
+    assert len(joined) == LABELS.size
+    assert np.array_equal(np.sort(joined), np.arange(LABELS.size))
+
+
+@pytest.mark.parametrize("scheme", sorted(SCHEMES))
+def test_same_seed_same_partitions(scheme: str) -> None:
+    a, b = split(scheme, seed=3), split(scheme, seed=3)
+    assert len(a) == len(b)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet", "powerlaw"])
+def test_different_seed_different_partitions(scheme: str) -> None:
+    a, b = split(scheme, seed=0), split(scheme, seed=1)
+    assert not all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_iid_sizes_are_equal_and_mixes_match() -> None:
+    parts = split("iid")
+    assert {len(p) for p in parts} == {150}
+    # Shuffled before sharding: every partition sees (nearly) all classes.
+    assert label_entropy(LABELS, parts) > 0.9 * np.log(10)
+
+
+def test_dirichlet_small_alpha_is_more_label_skewed() -> None:
+    skewed = split("dirichlet", alpha=0.1, min_size=5)
+    mild = split("dirichlet", alpha=100.0, min_size=5)
+    assert label_entropy(LABELS, skewed) < label_entropy(LABELS, mild) - 0.5
+    assert label_entropy(LABELS, mild) > 0.95 * np.log(10)
+
+
+def test_dirichlet_respects_min_size() -> None:
+    parts = split("dirichlet", alpha=0.3, min_size=40)
+    assert min(len(p) for p in parts) >= 40
+
+
+def test_dirichlet_impossible_min_size_names_the_keys() -> None:
+    with pytest.raises(DataError, match=r"data\.alpha.*data\.num_cooperatives"):
+        split("dirichlet", alpha=0.01, num_partitions=40, min_size=30)
+
+
+def test_too_many_partitions_names_num_cooperatives() -> None:
+    with pytest.raises(DataError, match=r"data\.num_cooperatives"):
+        split("iid", num_partitions=200, min_size=10)
+
+
+def test_powerlaw_has_whales_and_respects_min_size() -> None:
+    parts = split("powerlaw", exponent=1.5, min_size=20)
+    sizes = np.array([len(p) for p in parts])
+    assert sizes.min() >= 20
+    assert sizes.sum() == LABELS.size
+    assert sizes[0] == sizes.max()  # rank 0 is the largest
+    assert sizes.max() >= 4 * np.median(sizes)
+    # A steeper exponent concentrates more data in the largest cooperative.
+    steeper = max(len(p) for p in split("powerlaw", exponent=3.0, min_size=20))
+    assert steeper > sizes.max()
+
+
+def test_powerlaw_rows_are_shuffled_not_contiguous() -> None:
+    biggest = split("powerlaw")[0]
+    # Contiguous rows would hold only a few classes; a shuffle gives all of them.
+    assert len(np.unique(LABELS[biggest])) == 10
+
+
+def test_powerlaw_sizes_sum_exactly() -> None:
+    sizes = powerlaw_sizes(1001, num_partitions=7, exponent=2.0, min_size=3)
+    assert sum(sizes) == 1001
+    assert min(sizes) >= 3
+    assert sizes == sorted(sizes, reverse=True)
+    assert all(type(s) is int for s in sizes)
+
+
+def test_natural_one_partition_per_group() -> None:
+    parts = split("natural", num_partitions=999)  # ignored for natural partitions
+    assert len(parts) == 6
+    for g, p in enumerate(parts):
+        assert np.array_equal(p, np.flatnonzero(GROUPS == g))
+
+
+def test_natural_without_groups_is_an_error() -> None:
+    with pytest.raises(DataError, match="natural"):
+        split("natural", groups=None)
+
+
+def test_unknown_scheme_lists_the_choices() -> None:
+    with pytest.raises(DataError, match=r"data\.partition.*dirichlet"):
+        split("shards")
