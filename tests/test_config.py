@@ -98,3 +98,12 @@ def test_cli_bad_file_exits_2(tmp_path):
     assert proc.returncode == 2
     assert "model.name" in proc.stderr and str(path) in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_cli_data_problem_exits_2_naming_the_file(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fedgov.simulate", "--set", "data.dataset=csv",
+                           "--set", f"data.path={tmp_path / 'missing.csv'}", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "missing.csv" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, ConfigError, load_config
+from .data import DataError, build_federation
 from .results import new_run_dir, read_json
 
 __all__ = ["main", "simulate"]
@@ -99,8 +100,13 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.config, args.overrides)
             if args.out is not None:
                 cfg = cfg.replace(**{"runtime.out": str(args.out)})
+            if cfg.data.path:  # simulated clients may not share our working directory
+                cfg = cfg.replace(**{"data.path": str(Path(cfg.data.path).resolve())})
+        # Build the cooperatives once here: bad data is a usage error, found before Ray starts.
+        build_federation(cfg.data, seed=cfg.seed)
+        if args.resume is None:
             run_dir = new_run_dir(cfg.runtime.out, cfg.hash())
-    except ConfigError as exc:
+    except (ConfigError, DataError) as exc:
         _fail(str(exc), 2)
     try:
         summary = simulate(cfg, run_dir, show_progress=not args.no_progress, verbose=args.verbose)

@@ -1,0 +1,235 @@
+"""Figures, drawn only from saved results (CSV/JSON files), never from live objects.
+
+``python -m fedgov.plots run RUN_DIR [-o out.png]`` draws a run's accuracy per round
+from its ``metrics.jsonl``; ``python -m fedgov.plots experiment RESULTS_DIR [-o out.png]``
+redraws an experiment's figure from its ``results.csv`` and ``experiment.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display needed, and no GUI backend in worker processes
+
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from .results import read_json, read_jsonl  # noqa: E402
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = ["plot_experiment", "plot_run", "main"]
+
+DPI = 150
+_COLORS = plt.get_cmap("tab10").colors
+
+
+def _save(fig: Figure, out_png: str | Path, *, dpi: int) -> Path:
+    """Save beside the target and rename, so a crash never leaves half a PNG."""
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_png.parent, prefix=f".{out_png.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=dpi)
+        os.replace(tmp, out_png)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
+    return out_png
+
+
+def _float(text: str | None) -> float:
+    try:
+        return float(text) if text not in (None, "") else math.nan
+    except ValueError:
+        return math.nan
+
+
+def _pretty(name: str, labels: Mapping[str, str]) -> str:
+    if name in labels:
+        return labels[name]
+    return name.split(".")[-1].replace("_", " ") if "." in name else name.replace("_", " ")
+
+
+def _style(ax: Any) -> None:
+    ax.grid(True, which="major", alpha=0.3)
+    ax.spines["top"].set_visible(False)
+    ax.spines["right"].set_visible(False)
+
+
+def _seeds_note(ns: Sequence[int]) -> str:
+    ns = sorted(set(n for n in ns if n > 0))
+    if not ns:
+        return "no successful runs"
+    if ns == [1]:
+        return "one seed per point: no confidence interval"
+    counts = str(ns[0]) if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
+    return f"mean and 95% CI (Student t) over n = {counts} seeds per point"
+
+
+def plot_experiment(results_csv: str | Path, plot_spec: Mapping[str, Any], out_png: str | Path,
+                    *, dpi: int = DPI) -> Path:
+    """Mean lines with 95% CI error bars and bands, one panel per metric in ``plot_spec["y"]``, shared x.
+
+    ``plot_spec`` is the ``plot`` entry of ``experiment.json``: ``x``, ``y``, and optionally
+    ``series``, ``xscale``, ``title`` and ``labels`` (display names for keys and metrics).
+    """
+    with Path(results_csv).open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    x_key, metrics = plot_spec["x"], list(plot_spec["y"])
+    series_key = plot_spec.get("series")
+    labels: Mapping[str, str] = plot_spec.get("labels") or {}
+    log_x = plot_spec.get("xscale", "linear") == "log"
+    for column in [x_key, "n"] + ([series_key] if series_key else []):
+        if rows and column not in rows[0]:
+            raise ValueError(f"{results_csv}: no column {column!r}")
+
+    # Numeric x is placed by value; anything else (strategy names) as evenly spaced categories.
+    raw_x = [row[x_key] for row in rows]
+    numeric = all(not math.isnan(_float(v)) for v in raw_x)
+    categories = list(dict.fromkeys(raw_x))
+    position = {v: (_float(v) if numeric else float(i)) for i, v in enumerate(categories)}
+
+    groups: dict[str, list[dict[str, str]]] = {}
+    for row in rows:
+        groups.setdefault(row[series_key] if series_key else "", []).append(row)
+
+    fig, axes = plt.subplots(len(metrics), 1, sharex=True, squeeze=False,
+                             figsize=(7.5, 1.0 + 2.9 * len(metrics)))
+    spread = len(groups) > 1
+    for panel, metric in enumerate(metrics):
+        ax = axes[panel][0]
+        for index, (name, members) in enumerate(groups.items()):
+            members = sorted(members, key=lambda r: position[r[x_key]])
+            # Nudge series sideways so their error bars do not hide each other.
+            shift = (index - (len(groups) - 1) / 2) * 0.04 if spread else 0.0
+            xs = [position[r[x_key]] * (10 ** shift if log_x else 1) + (0 if log_x else shift) for r in members]
+            mean = [_float(r.get(f"{metric}_mean")) for r in members]
+            low = [_float(r.get(f"{metric}_ci95_low")) for r in members]
+            high = [_float(r.get(f"{metric}_ci95_high")) for r in members]
+            keep = [i for i, m in enumerate(mean) if not math.isnan(m)]
+            if not keep:
+                continue
+            xs, mean, low, high = ([seq[i] for i in keep] for seq in (xs, mean, low, high))
+            color = _COLORS[index % len(_COLORS)]
+            label = f"{_pretty(series_key, labels)} = {name}" if series_key else "mean over seeds"
+            ax.errorbar(xs, mean, yerr=[[m - lo for m, lo in zip(mean, low)], [hi - m for m, hi in zip(mean, high)]],
+                        color=color, marker="o", markersize=5, linewidth=1.8, capsize=4, label=label)
+            ax.fill_between(xs, low, high, color=color, alpha=0.15, linewidth=0,
+                            label=None if series_key else "95% CI")
+        ax.set_ylabel(_pretty(metric, labels))
+        _style(ax)
+        if panel == 0 and ax.get_legend_handles_labels()[0]:
+            ax.legend(frameon=False, fontsize="small", loc="best")
+
+    bottom = axes[-1][0]
+    if log_x:
+        bottom.set_xscale("log")
+    if numeric:
+        ticks = sorted(set(position.values()))
+        bottom.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        bottom.minorticks_off()
+    else:
+        bottom.set_xticks(range(len(categories)), categories)
+    bottom.set_xlabel(_pretty(x_key, labels))
+    title = plot_spec.get("title") or Path(results_csv).parent.name
+    note = _seeds_note([int(_float(r["n"])) if r["n"] else 0 for r in rows])
+    fig.suptitle(title, fontsize="large", fontweight="bold")
+    axes[0][0].set_title(note, fontsize="small", color="0.35")
+    fig.tight_layout()
+    return _save(fig, out_png, dpi=dpi)
+
+
+def _run_title(run_dir: Path) -> str:
+    config_path = run_dir / "config.toml"
+    if not config_path.is_file():
+        return f"run {run_dir.name}"
+    cfg = tomllib.loads(config_path.read_text())
+    data, strategy = cfg.get("data", {}), cfg.get("strategy", {})
+    split = data.get("partition", "?")
+    if split == "dirichlet":
+        split += f" (alpha = {data.get('alpha', '?'):g})"
+    return (f"{data.get('dataset', '?')}, {data.get('num_cooperatives', '?')} cooperatives, {split}, "
+            f"{strategy.get('name', '?')}, seed {cfg.get('seed', '?')}")
+
+
+def plot_run(run_dir: str | Path, out_png: str | Path, *, dpi: int = DPI) -> Path:
+    """Global and worst-cooperative accuracy per round (shading: worst to best cooperative)."""
+    run_dir = Path(run_dir)
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    if not rows:
+        raise ValueError(f"{run_dir / 'metrics.jsonl'}: no rounds recorded")
+    rounds = [r["round"] for r in rows]
+    coop = [[v for v in r.get("cooperative_accuracy", {}).values() if v is not None] for r in rows]
+    worst = [min(c) if c else math.nan for c in coop]
+    best = [max(c) if c else math.nan for c in coop]
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    ax.fill_between(rounds, worst, best, color=_COLORS[1], alpha=0.15, linewidth=0,
+                    label="range over cooperatives")
+    ax.plot(rounds, [r["accuracy"] for r in rows], color=_COLORS[0], marker="o", markersize=4,
+            linewidth=1.8, label="global accuracy (server test set)")
+    ax.plot(rounds, worst, color=_COLORS[1], marker="v", markersize=4, linewidth=1.8,
+            label="worst cooperative (local test split)")
+    ax.set_xlabel("round")
+    ax.set_ylabel("accuracy")
+    if len(rounds) <= 25:
+        ax.set_xticks(rounds)
+    _style(ax)
+    ax.legend(frameon=False, fontsize="small", loc="lower right")
+    fig.suptitle(f"Accuracy per round: {_run_title(run_dir)}", fontsize="medium", fontweight="bold")
+    fig.tight_layout()
+    return _save(fig, out_png, dpi=dpi)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fedgov.plots", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="what", required=True)
+    run = sub.add_parser("run", help="accuracy per round of one run directory")
+    run.add_argument("run_dir", type=Path)
+    run.add_argument("-o", "--out", type=Path, default=None, help="PNG file (default: RUN_DIR/accuracy.png)")
+    exp = sub.add_parser("experiment", help="an experiment's figure from its results folder")
+    exp.add_argument("results_dir", type=Path)
+    exp.add_argument("-o", "--out", type=Path, default=None, help="PNG file (default: RESULTS_DIR/figure.png)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.what == "run":
+            if not (args.run_dir / "metrics.jsonl").is_file():
+                raise ValueError(f"{args.run_dir}: not a run directory (no metrics.jsonl)")
+            path = plot_run(args.run_dir, args.out or args.run_dir / "accuracy.png")
+        else:
+            for name in ("results.csv", "experiment.json"):
+                if not (args.results_dir / name).is_file():
+                    raise ValueError(f"{args.results_dir}: not an experiment folder (no {name})")
+            spec = read_json(args.results_dir / "experiment.json")["plot"]
+            path = plot_experiment(args.results_dir / "results.csv", spec,
+                                   args.out or args.results_dir / "figure.png")
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"fedgov.plots: error: {exc}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

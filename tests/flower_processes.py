@@ -1,0 +1,257 @@
+"""Start Flower's Deployment Engine processes for a test, and stop every one of them.
+
+Used by ``tests/test_deployment.py``. Each process is started in its own session
+(``start_new_session=True``) with its output in a log file, and carries a unique
+marker in its environment. Flower spawns helpers the test never sees directly:
+``flower-superexec`` (the SuperLink starts it in a session of its own),
+``flwr-serverapp`` and ``flwr-clientapp``. ``stop_all`` therefore signals the
+process group of every process it started, every descendant it can find, and
+every process that still carries the marker, by PID: nothing is matched by name.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["FlowerProcesses", "Started", "free_ports", "flower_bin", "tail"]
+
+MARKER_VARIABLE = "FEDGOV_TEST_PROCESS_TAG"
+
+
+def flower_bin(name: str) -> str:
+    """Path of a Flower console script installed beside this interpreter (else the bare name)."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports that were free on 127.0.0.1 a moment ago."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def tail(path: Path, lines: int = 60) -> str:
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError as exc:
+        return f"<{path}: {exc}>"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1.0) as response:  # noqa: S310 (local URL)
+            return 200 <= response.status < 300
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _parent_pids() -> dict[int, int]:
+    """pid -> ppid for every process visible in /proc (empty where there is no /proc)."""
+    parents: dict[int, int] = {}
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return parents
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # The command name (2nd field) is in parentheses and may contain spaces.
+        fields = stat[stat.rfind(")") + 2:].split()
+        if len(fields) > 1:
+            parents[int(entry.name)] = int(fields[1])
+    return parents
+
+
+def _descendants(roots: Sequence[int]) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for pid, ppid in _parent_pids().items():
+        children.setdefault(ppid, []).append(pid)
+    found: set[int] = set()
+    stack = list(roots)
+    while stack:
+        for child in children.get(stack.pop(), []):
+            if child not in found:
+                found.add(child)
+                stack.append(child)
+    return found
+
+
+def _tagged(tag: str) -> set[int]:
+    """PIDs of live processes whose environment carries ``MARKER_VARIABLE=tag``."""
+    needle = f"{MARKER_VARIABLE}={tag}".encode()
+    found: set[int] = set()
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return found
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if needle in environ.split(b"\0"):
+            found.add(int(entry.name))
+    return found
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _alive(pid: int) -> bool:
+    """True for a running process; a zombie (exited, not yet reaped) counts as gone."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text()
+        return state[state.rfind(")") + 2:].split()[0] != "Z"
+    except OSError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return not Path("/proc").is_dir()
+
+
+@dataclass
+class Started:
+    name: str
+    process: subprocess.Popen
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+class FlowerProcesses:
+    """The Flower processes of one test: start them, watch them, stop all of them."""
+
+    def __init__(self, log_dir: Path, env: Mapping[str, str]) -> None:
+        self.log_dir = Path(log_dir)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.tag = uuid.uuid4().hex
+        self.env = {**env, MARKER_VARIABLE: self.tag, "PYTHONUNBUFFERED": "1"}
+        self.started: list[Started] = []  # the live federation
+        self.retired: list[Started] = []  # attempts that died (port taken); still cleaned up
+
+    def start(self, name: str, argv: Sequence[str]) -> Started:
+        log = self.log_dir / f"{name}.log"
+        with open(log, "ab") as handle:
+            handle.write(f"$ {' '.join(argv)}\n".encode())
+            handle.flush()
+            process = subprocess.Popen(list(argv), stdout=handle, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL, env=self.env,
+                                       start_new_session=True)
+        started = Started(name, process, log)
+        self.started.append(started)
+        return started
+
+    def start_http_service(self, name: str, argv_for_port, *, health_path: str = "/health",
+                           timeout: float = 60.0, attempts: int = 3) -> tuple[Started, int]:
+        """Start a server on a free port, retrying on a new port if it dies (port taken)."""
+        last: Started | None = None
+        for _ in range(attempts):
+            if last is not None:
+                self.started.remove(last)
+                self.retired.append(last)
+            port = free_ports(1)[0]
+            last = self.start(name, argv_for_port(port))
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if last.process.poll() is not None:
+                    break
+                if _http_ok(f"http://127.0.0.1:{port}{health_path}"):
+                    return last, port
+                time.sleep(0.25)
+            else:
+                raise TimeoutError(f"{name} did not answer {health_path} on port {port} "
+                                   f"within {timeout:.0f} s\n{tail(last.log)}")
+        assert last is not None
+        raise RuntimeError(f"{name} exited with code {last.process.returncode} "
+                           f"({attempts} attempts)\n{tail(last.log)}")
+
+    def exited(self) -> list[Started]:
+        return [s for s in self.started if s.process.poll() is not None]
+
+    def leftovers(self) -> set[int]:
+        return {pid for pid in _tagged(self.tag) if _alive(pid)}
+
+    def stop_all(self, grace: float = 10.0) -> set[int]:
+        """Stop everything started here and everything it spawned; return PIDs still alive."""
+        everything = self.retired + self.started
+        roots = [s.pid for s in everything]
+        targets = set(roots) | _descendants(roots) | _tagged(self.tag)
+        groups = set()
+        for pid in targets:
+            try:
+                groups.add(os.getpgid(pid))
+            except (ProcessLookupError, PermissionError):
+                pass
+        groups = {g for g in groups if g > 1 and g != os.getpgrp()}
+        # SuperNodes before the SuperLink, Flower's helpers with their parents.
+        for started in reversed(everything):
+            if started.process.poll() is None:
+                started.process.terminate()
+        for pgid in groups:
+            _signal_group(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for started in everything:
+            try:
+                started.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        targets |= _descendants(roots) | _tagged(self.tag)
+        while time.monotonic() < deadline and any(_alive(pid) for pid in targets):
+            time.sleep(0.2)
+        for pgid in groups:
+            _signal_group(pgid, signal.SIGKILL)
+        for pid in targets | _tagged(self.tag):
+            if _alive(pid):
+                _signal(pid, signal.SIGKILL)
+        for started in everything:
+            try:
+                started.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        time.sleep(0.2)
+        return self.leftovers()
+
+    def log_tails(self, lines: int = 60) -> str:
+        return "\n".join(f"----- {s.name} (pid {s.pid}, exit {s.process.poll()}) {s.log} -----\n"
+                         f"{tail(s.log, lines)}" for s in self.started)
