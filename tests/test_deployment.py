@@ -93,9 +93,10 @@ def _start_federation(procs: FlowerProcesses) -> tuple[Started, int]:
 def _flwr_run(procs: FlowerProcesses, out: Path) -> str:
     overrides = [f"data.num_cooperatives={NUM_COOPERATIVES}", f"train.rounds={ROUNDS}",
                  'data.partition="iid"', f"runtime.out={json.dumps(str(out))}"]
-    argv = [flower_bin("flwr"), "run", ".", CONNECTION, "--format", "json"]
-    for override in overrides:
-        argv += ["--run-config", override]
+    # ONE --run-config string: Flower 1.42 merges repeated --run-config flags table by table,
+    # so `-c data.num_cooperatives=2 -c data.partition="iid"` silently drops num_cooperatives.
+    argv = [flower_bin("flwr"), "run", ".", CONNECTION, "--format", "json",
+            "--run-config", " ".join(overrides)]
     result = subprocess.run(argv, cwd=ROOT, env=procs.env, capture_output=True, text=True, timeout=120)
     (procs.log_dir / "flwr-run.log").write_text(
         f"$ {' '.join(argv)}\nexit {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}")
@@ -130,11 +131,24 @@ def _wait_for_summary(procs: FlowerProcesses, out: Path, run_id: str, superlink_
     pytest.fail(f"no summary.json under {out} within {RUN_DEADLINE_S:.0f} s of submitting run {run_id}")
 
 
+def _serverapp_log(procs: FlowerProcesses, run_id: str | None) -> str:
+    """The ServerApp's own output, which the SuperLink keeps (it is not in superlink.log)."""
+    if run_id is None or not procs.started or procs.started[0].process.poll() is not None:
+        return "<not available>"
+    try:
+        result = subprocess.run([flower_bin("flwr"), "log", run_id, CONNECTION, "--show"], cwd=ROOT,
+                                env=procs.env, capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired as exc:
+        return f"<flwr log timed out>\n{exc.stdout or ''}"
+    return "\n".join((result.stdout + result.stderr).splitlines()[-80:])
+
+
 def test_two_cooperatives_on_the_deployment_engine(tmp_path: Path) -> None:
     env = _environment(tmp_path)
     out = tmp_path / "runs"
     procs = FlowerProcesses(tmp_path / "logs", env)
     started = time.monotonic()
+    run_id: str | None = None
     try:
         superlink, superlink_port = _start_federation(procs)
         _write_connection(Path(env["FLWR_HOME"]), superlink_port)
@@ -172,6 +186,7 @@ def test_two_cooperatives_on_the_deployment_engine(tmp_path: Path) -> None:
     except BaseException:
         print(procs.log_tails())
         print(f"----- flwr run -----\n{tail(procs.log_dir / 'flwr-run.log')}")
+        print(f"----- flwr log {run_id} (ServerApp) -----\n{_serverapp_log(procs, run_id)}")
         raise
     finally:
         leftovers = procs.stop_all()

@@ -8,16 +8,19 @@ settings from ``context.run_config`` (or the Config handed to
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from .config import Config
 from .data import Cooperative, build_federation
 from .models import build_model
-from .task import evaluate, make_loader, resolve_device, train
+from .privacy import BudgetExhausted, PrivacyLedger, default_delta
+from .privacy.dp_sgd import plan_round, train_private
+from .task import TrainResult, evaluate, make_loader, resolve_device, train
 
 __all__ = ["app", "build_client_app"]
 
@@ -65,27 +68,68 @@ def _handle_query(message: Message, node: _Node) -> Message:
     return Message(content=content, reply_to=message)
 
 
-def _handle_train(message: Message, node: _Node) -> Message:
+# Error code of a reply from a cooperative that sits the round out (budget spent).
+CODE_DECLINED = 1001
+_LEDGER_KEY = "fedgov.privacy"
+
+
+def _train_private(model: torch.nn.Module, node: _Node, context: Context, seed: int
+                   ) -> tuple[TrainResult, dict[str, float]]:
+    """DP-SGD with a ledger that survives between rounds in ``context.state``."""
+    cfg, coop = node.config, node.cooperative
+    n = len(coop.train.y)
+    if _LEDGER_KEY in context.state:
+        ledger = PrivacyLedger.from_json(str(context.state[_LEDGER_KEY]["ledger"]))
+    else:
+        ledger = PrivacyLedger(delta=cfg.privacy.delta or default_delta(n),
+                               budget=cfg.privacy.target_epsilon or math.inf)
+    spend = plan_round(ledger, num_examples=n, batch_size=cfg.train.batch_size, epochs=cfg.train.local_epochs,
+                       rounds=cfg.train.rounds, noise_multiplier=cfg.privacy.noise_multiplier,
+                       target_epsilon=cfg.privacy.target_epsilon)  # raises BudgetExhausted
+    result = train_private(model, coop.train.x, coop.train.y, spend=spend, batch_size=cfg.train.batch_size,
+                           epochs=cfg.train.local_epochs, lr=cfg.train.lr, momentum=cfg.train.momentum,
+                           max_grad_norm=cfg.privacy.max_grad_norm, grad_sample_mode=cfg.privacy.grad_sample_mode,
+                           device=node.device, seed=seed)
+    ledger.record(result.spend)
+    context.state[_LEDGER_KEY] = ConfigRecord({"ledger": ledger.to_json()})
+    return result.train, {
+        "dp_epsilon": ledger.epsilon,
+        "dp_delta": ledger.delta,
+        "dp_noise_multiplier": result.spend.noise_multiplier,
+        "dp_sample_rate": result.spend.sample_rate,
+        "dp_steps": result.spend.steps,
+    }
+
+
+def _handle_train(message: Message, node: _Node, context: Context) -> Message:
     cfg = node.config
     round_config = message.content["config"]
     server_round = int(round_config.get("server-round", 0))
     model = node.model_from(message)
     coop = node.cooperative
+    seed = cfg.seed * 1_000_003 + server_round * 1_009 + coop.id
     started = time.perf_counter()
-    # q-FedAvg needs the loss of the *received* model on local data.
-    loss_before = evaluate(model, coop.train.x, coop.train.y, device=node.device).loss
-    loader = make_loader(coop.train.x, coop.train.y, batch_size=cfg.train.batch_size, shuffle=True,
-                         seed=cfg.seed * 1_000_003 + server_round * 1_009 + coop.id)
-    result = train(model, loader, epochs=cfg.train.local_epochs, lr=cfg.train.lr,
-                   momentum=cfg.train.momentum, device=node.device,
-                   proximal_mu=float(round_config.get("proximal-mu", 0.0)))
+    extra: dict[str, float] = {}
+    if cfg.strategy.name == "qfedavg":  # q-FedAvg needs the loss of the *received* model
+        extra["train_loss"] = evaluate(model, coop.train.x, coop.train.y, device=node.device).loss
+    if cfg.privacy.dp == "sample":
+        try:
+            result, privacy = _train_private(model, node, context, seed)
+        except BudgetExhausted as exc:
+            return Message(Error(code=CODE_DECLINED, reason=str(exc)), reply_to=message)
+        extra.update(privacy)
+    else:
+        loader = make_loader(coop.train.x, coop.train.y, batch_size=cfg.train.batch_size, shuffle=True, seed=seed)
+        result = train(model, loader, epochs=cfg.train.local_epochs, lr=cfg.train.lr,
+                       momentum=cfg.train.momentum, device=node.device,
+                       proximal_mu=float(round_config.get("proximal-mu", 0.0)))
     metrics = MetricRecord({
         "num-examples": result.num_examples,
         "partition-id": coop.id,
-        "train_loss": loss_before,
         "local_loss": result.train_loss,
         "steps": result.steps,
         "seconds_local_train": time.perf_counter() - started,
+        **extra,
     })
     content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
     return Message(content=content, reply_to=message)
@@ -114,7 +158,7 @@ def build_client_app(config: Config | None = None) -> ClientApp:
 
     @client_app.train()
     def train_(message: Message, context: Context) -> Message:
-        return _handle_train(message, _Node(context, config))
+        return _handle_train(message, _Node(context, config), context)
 
     @client_app.evaluate()
     def evaluate_(message: Message, context: Context) -> Message:

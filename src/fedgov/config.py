@@ -30,6 +30,8 @@ __all__ = [
     "ModelConfig",
     "TrainConfig",
     "StrategyConfig",
+    "PrivacyConfig",
+    "SecureConfig",
     "RuntimeConfig",
     "load_config",
     "parse_override",
@@ -103,6 +105,39 @@ class StrategyConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    dp: str = _spec("off", choices=("off", "sample", "user"),
+                    doc="differential privacy: per example in each cooperative (Opacus DP-SGD) or per cooperative (central)")
+    target_epsilon: float = _spec(0.0, low=0.0,
+                                  doc="epsilon budget for the whole run; the noise is derived from it (0 = none)")
+    noise_multiplier: float = _spec(0.0, low=0.0,
+                                    doc="noise multiplier; 0 = derive from target_epsilon")
+    delta: float = _spec(0.0, low=0.0, high=0.1,
+                         doc="delta; 0 = 1/(10 n), below 1/n of each cooperative (or of the cooperatives for 'user')")
+    max_grad_norm: float = _spec(1.0, low=0.0, low_open=True, doc="per-example gradient clipping bound (dp = 'sample')")
+    grad_sample_mode: str = _spec("hooks", choices=("hooks", "functorch", "ghost"),
+                                  doc="how Opacus computes per-example gradients ('ghost' = ghost clipping)")
+    update_clip_norm: float = _spec(1.0, low=0.0, low_open=True,
+                                    doc="clipping bound of each cooperative's update (dp = 'user')")
+    clipping_side: str = _spec("server", choices=("server", "client"),
+                               doc="where updates are clipped for dp = 'user' (Flower's fixed-clipping wrappers)")
+
+
+@dataclass
+class SecureConfig:
+    aggregation: str = _spec("off", choices=("off", "he", "secagg+"),
+                             doc="hide individual updates from the aggregator: TenSEAL CKKS/BFV or Flower's SecAgg+")
+    preset: str = _spec("standard", doc="HE parameter preset (see docs/he_presets.md)")
+    key_holder: str = _spec("clients", choices=("clients", "custodian"),
+                            doc="who can decrypt aggregates: the cooperatives, or a separate oversight custodian")
+    verify: bool = _spec(False, doc="also aggregate in plaintext and record the max abs error of secure aggregation")
+    secagg_num_shares: int = _spec(3, low=2, doc="SecAgg+: shares of each secret (neighbours per client)")
+    secagg_threshold: int = _spec(2, low=1, doc="SecAgg+: shares needed to reconstruct a secret")
+    secagg_clip_range: float = _spec(8.0, low=0.0, low_open=True, doc="SecAgg+: updates are clipped to +-this before quantization")
+    secagg_quantization_range: int = _spec(4194304, low=2, doc="SecAgg+: number of quantization levels")
+
+
+@dataclass
 class RuntimeConfig:
     device: str = _spec("auto", choices=("auto", "cpu", "cuda"), doc="where clients train")
     client_cpus: float = _spec(1.0, low=0.0, low_open=True, doc="CPUs reserved per simulated client")
@@ -118,6 +153,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    secure: SecureConfig = field(default_factory=SecureConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     # ---- conversions -------------------------------------------------------
@@ -213,8 +250,38 @@ def _cross_check(cfg: Config, where: str) -> None:
         raise ConfigError(f"{where}: data.cooperative_column: required for data.partition = 'natural'")
     if data.num_cooperatives < 2 and data.partition != "natural":
         raise ConfigError(f"{where}: data.num_cooperatives: a federation needs at least 2 cooperatives")
+    privacy, secure = cfg.privacy, cfg.secure
+    if privacy.dp != "off" and privacy.target_epsilon == 0 and privacy.noise_multiplier == 0:
+        raise ConfigError(f"{where}: privacy.target_epsilon: privacy.dp = {privacy.dp!r} needs "
+                          f"privacy.target_epsilon or privacy.noise_multiplier")
+    if privacy.dp == "sample" and cfg.strategy.name in ("fedprox", "qfedavg"):
+        raise ConfigError(f"{where}: strategy.name: {cfg.strategy.name!r} adds a term DP-SGD cannot clip per "
+                          f"example (FedProx's proximal term, q-FedAvg's exact training loss); use fedavg")
+    if secure.aggregation != "off" and cfg.strategy.name in ROBUST_STRATEGIES:
+        raise ConfigError(
+            f"{where}: strategy.name: {cfg.strategy.name!r} cannot run with secure.aggregation = "
+            f"{secure.aggregation!r}: a robust strategy must see every cooperative's update to discard "
+            f"outliers, and secure aggregation exists so that the aggregator sees only their sum "
+            f"(privacy and robustness trade off; use fedavg, fedprox or qfedavg)")
+    if secure.aggregation != "off" and cfg.strategy.name == "qfedavg":
+        raise ConfigError(f"{where}: strategy.name: 'qfedavg' reweights each update by its own loss, "
+                          f"which the aggregator cannot do on hidden updates; use fedavg or fedprox")
+    if secure.aggregation != "off" and privacy.dp == "user":
+        raise ConfigError(f"{where}: privacy.dp: 'user' clips and noises individual updates at the aggregator, "
+                          f"which secure.aggregation = {secure.aggregation!r} hides; use privacy.dp = 'sample'")
+    if secure.aggregation == "he":
+        from .crypto.presets import PRESETS
+
+        if secure.preset not in PRESETS:
+            raise ConfigError(f"{where}: secure.preset: {secure.preset!r} is not one of {', '.join(PRESETS)}")
+    if secure.aggregation == "secagg+" and secure.secagg_threshold > secure.secagg_num_shares:
+        raise ConfigError(f"{where}: secure.secagg_threshold: must not exceed secure.secagg_num_shares")
     if cfg.model.name == "cnn" and data.dataset != "digits":
         raise ConfigError(f"{where}: model.name: 'cnn' needs image data (data.dataset = 'digits')")
+
+
+# Strategies that must see every individual update; secure aggregation hides them.
+ROBUST_STRATEGIES = frozenset({"median", "trimmed_mean", "krum", "multikrum", "bulyan"})
 
 
 def build_config(raw: typing.Mapping[str, Any], *, source: str = "config") -> Config:
@@ -292,3 +359,49 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         flat[key] = value
     source = str(path) if not overrides else f"{path} with --set"
     return Config.from_flat(flat, source=source)
+
+
+def reference_rows() -> list[tuple[str, Any, str]]:
+    """(dotted key, default, description) for every key: the README's config table comes from here."""
+    rows: list[tuple[str, Any, str]] = []
+
+    def walk(cls: type, prefix: str) -> None:
+        instance = cls()
+        for f in dataclasses.fields(cls):
+            value = getattr(instance, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(type(value), f"{prefix}{f.name}.")
+                continue
+            doc = f.metadata.get("doc", "")
+            if f.metadata.get("choices"):
+                doc += f" ({' / '.join(f.metadata['choices'])})"
+            rows.append((f"{prefix}{f.name}", value, doc))
+
+    walk(Config, "")
+    return rows
+
+
+def pyproject_app_config() -> str:
+    """The ``[tool.flwr.app.config]`` tables: every key, so ``flwr run --run-config`` accepts them all."""
+    import tomli_w
+
+    return tomli_w.dumps({"tool": {"flwr": {"app": {"config": Config().to_dict()}}}}).replace(
+        "[tool]\n", "").replace("[tool.flwr]\n", "").replace("[tool.flwr.app]\n", "").lstrip()
+
+
+def sync_pyproject(path: Path) -> None:
+    """Rewrite the app config of ``pyproject.toml`` from the defaults above (run after adding a key)."""
+    text = path.read_text()
+    head, marker, _ = text.partition("[tool.flwr.app.config]")
+    if not marker:
+        raise ConfigError(f"{path}: no [tool.flwr.app.config] table")
+    path.write_text(head + pyproject_app_config())
+
+
+if __name__ == "__main__":  # python -m fedgov.config [--sync-pyproject]: print the reference table
+    if sys.argv[1:] == ["--sync-pyproject"]:
+        sync_pyproject(DEFAULT_CONFIG_PATH.parents[1] / "pyproject.toml")
+    else:
+        print("| key | default | meaning |\n|---|---|---|")
+        for key, default, doc in reference_rows():
+            print(f"| `{key}` | `{default!r}` | {doc} |")

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import io
 import itertools
 import json
@@ -252,12 +253,13 @@ def _format_value(value: Any) -> str:
 
 
 def point_id(values: Mapping[str, Any]) -> str:
-    """A stable, readable folder name such as ``data.alpha=0.1``; it does not depend on grid order."""
+    """A readable folder name such as ``data.alpha=0.1``.
+
+    Named by value, not by index, so adding values to a grid keeps the finished runs' folders.
+    """
     text = "__".join(f"{k}={_format_value(v)}" for k, v in values.items()) or "base"
     safe = re.sub(r"[^A-Za-z0-9._=+-]", "_", text)
     if safe != text or len(safe) > 100:  # keep lossy or long names unique
-        import hashlib
-
         digest = hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:8]
         safe = f"{safe[:90]}-{digest}"
     return safe
@@ -697,6 +699,15 @@ def _write_outputs(exp: Experiment, results: list[RunResult], out: Path, meta: d
         atomic_write_text(out / "results.csv", _csv_text(header, rows))
 
 
+def _earlier_runs(out: Path) -> dict[tuple[str, int, str], dict[str, Any]]:
+    """The runs recorded by an earlier invocation into the same folder, by (point, seed, run dir)."""
+    try:
+        runs = read_json(out / "experiment.json").get("runs", [])
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {(r.get("point"), r.get("seed"), r.get("run_dir")): r for r in runs if isinstance(r, dict)}
+
+
 def run_experiment(exp: Experiment, *, out: Path, seeds: Sequence[int] | None = None, quick: bool = False,
                    jobs: int = 1, runner: Runner | None = None,
                    argv: Sequence[str] = ()) -> list[RunResult]:
@@ -705,6 +716,9 @@ def run_experiment(exp: Experiment, *, out: Path, seeds: Sequence[int] | None = 
     if seeds is None:
         seeds = exp.seeds[:1] if quick else exp.seeds
     todo = build_jobs(exp, out, seeds=seeds, quick=quick)
+    plot = dict(exp.plot)
+    if quick:  # the title describes the full runs; say that these are not them
+        plot["title"] = f"{plot['title']} [--quick: {QUICK_ROUNDS} rounds, <= {QUICK_COOPERATIVES} cooperatives]"
     out.mkdir(parents=True, exist_ok=True)
     meta = {
         "name": exp.name,
@@ -721,9 +735,10 @@ def run_experiment(exp: Experiment, *, out: Path, seeds: Sequence[int] | None = 
         "quick": quick,
         "metrics": list(exp.metrics),
         "interval": f"mean and {CI_LEVEL:.0%} Student t interval over seeds (n=1: the value itself)",
-        "plot": exp.plot,
+        "plot": plot,
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    earlier = _earlier_runs(out)
     results: list[RunResult] = []
     with _Reporter(len(todo)) as reporter, ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         def work(job: Job) -> RunResult:
@@ -734,6 +749,10 @@ def run_experiment(exp: Experiment, *, out: Path, seeds: Sequence[int] | None = 
         try:
             for future in as_completed(futures):
                 result = future.result()
+                if result.status == "done":  # keep how the kept run was made, from the last experiment.json
+                    made = earlier.get((result.job.point.id, result.job.seed, _relative(result.run_dir, out)), {})
+                    result.command = shlex.split(made["command"]) if made.get("command") else []
+                    result.seconds = float(made.get("seconds") or 0.0)
                 results.append(result)
                 reporter.finished(result, exp.metrics)
                 _write_outputs(exp, results, out, meta, final=False)  # cheap, and survives an interrupt
@@ -744,7 +763,7 @@ def run_experiment(exp: Experiment, *, out: Path, seeds: Sequence[int] | None = 
     _write_outputs(exp, results, out, meta, final=True)
     from .plots import plot_experiment
 
-    plot_experiment(out / "results.csv", exp.plot, out / "figure.png")
+    plot_experiment(out / "results.csv", plot, out / "figure.png", runs_csv=out / "runs.csv")
     return results
 
 

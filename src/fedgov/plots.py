@@ -62,9 +62,7 @@ def _float(text: str | None) -> float:
 
 
 def _pretty(name: str, labels: Mapping[str, str]) -> str:
-    if name in labels:
-        return labels[name]
-    return name.split(".")[-1].replace("_", " ") if "." in name else name.replace("_", " ")
+    return labels.get(name, name.replace("_", " "))
 
 
 def _style(ax: Any) -> None:
@@ -83,15 +81,21 @@ def _seeds_note(ns: Sequence[int]) -> str:
     return f"mean and 95% CI (Student t) over n = {counts} seeds per point"
 
 
+def _read_csv(path: str | Path) -> list[dict[str, str]]:
+    with Path(path).open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
 def plot_experiment(results_csv: str | Path, plot_spec: Mapping[str, Any], out_png: str | Path,
-                    *, dpi: int = DPI) -> Path:
+                    *, runs_csv: str | Path | None = None, dpi: int = DPI) -> Path:
     """Mean lines with 95% CI error bars and bands, one panel per metric in ``plot_spec["y"]``, shared x.
 
     ``plot_spec`` is the ``plot`` entry of ``experiment.json``: ``x``, ``y``, and optionally
     ``series``, ``xscale``, ``title`` and ``labels`` (display names for keys and metrics).
+    With ``runs_csv`` each seed's own value is drawn too, as a faint dot.
     """
-    with Path(results_csv).open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
+    rows = _read_csv(results_csv)
+    runs = [r for r in _read_csv(runs_csv) if r.get("status") in ("ok", "done")] if runs_csv else []
     x_key, metrics = plot_spec["x"], list(plot_spec["y"])
     series_key = plot_spec.get("series")
     labels: Mapping[str, str] = plot_spec.get("labels") or {}
@@ -110,16 +114,31 @@ def plot_experiment(results_csv: str | Path, plot_spec: Mapping[str, Any], out_p
     for row in rows:
         groups.setdefault(row[series_key] if series_key else "", []).append(row)
 
+    values = list(position.values())
+    span = 1.0 if not numeric or log_x else (max(values) - min(values)) or 1.0
+
+    def place(x_text: str, index: int, *, nudge: float = 0.0) -> float:
+        # Series (and seed dots) sit a little apart so error bars do not hide each other.
+        shift = ((index - (len(groups) - 1) / 2) * 0.04 if len(groups) > 1 else 0.0) + nudge
+        if x_text not in position:
+            return math.nan
+        return position[x_text] * 10 ** shift if log_x else position[x_text] + shift * span
+
+    has_ci = any(_float(r["n"]) > 1 for r in rows)
     fig, axes = plt.subplots(len(metrics), 1, sharex=True, squeeze=False,
                              figsize=(7.5, 1.0 + 2.9 * len(metrics)))
-    spread = len(groups) > 1
     for panel, metric in enumerate(metrics):
         ax = axes[panel][0]
         for index, (name, members) in enumerate(groups.items()):
+            color = _COLORS[index % len(_COLORS)]
+            mine = [r for r in runs if (r.get(series_key) if series_key else "") == name]
+            seeds_y = [_float(r.get(metric)) for r in mine]
+            if has_ci and mine:
+                ax.scatter([place(r.get(x_key, ""), index, nudge=0.025) for r in mine], seeds_y, s=16,
+                           color=color, alpha=0.55, linewidths=0, zorder=3,
+                           label=None if series_key else "each seed")
             members = sorted(members, key=lambda r: position[r[x_key]])
-            # Nudge series sideways so their error bars do not hide each other.
-            shift = (index - (len(groups) - 1) / 2) * 0.04 if spread else 0.0
-            xs = [position[r[x_key]] * (10 ** shift if log_x else 1) + (0 if log_x else shift) for r in members]
+            xs = [place(r[x_key], index) for r in members]
             mean = [_float(r.get(f"{metric}_mean")) for r in members]
             low = [_float(r.get(f"{metric}_ci95_low")) for r in members]
             high = [_float(r.get(f"{metric}_ci95_high")) for r in members]
@@ -127,12 +146,11 @@ def plot_experiment(results_csv: str | Path, plot_spec: Mapping[str, Any], out_p
             if not keep:
                 continue
             xs, mean, low, high = ([seq[i] for i in keep] for seq in (xs, mean, low, high))
-            color = _COLORS[index % len(_COLORS)]
             label = f"{_pretty(series_key, labels)} = {name}" if series_key else "mean over seeds"
             ax.errorbar(xs, mean, yerr=[[m - lo for m, lo in zip(mean, low)], [hi - m for m, hi in zip(mean, high)]],
                         color=color, marker="o", markersize=5, linewidth=1.8, capsize=4, label=label)
             ax.fill_between(xs, low, high, color=color, alpha=0.15, linewidth=0,
-                            label=None if series_key else "95% CI")
+                            label="95% CI" if has_ci and not series_key else None)
         ax.set_ylabel(_pretty(metric, labels))
         _style(ax)
         if panel == 0 and ax.get_legend_handles_labels()[0]:
@@ -222,8 +240,10 @@ def main(argv: list[str] | None = None) -> int:
                 if not (args.results_dir / name).is_file():
                     raise ValueError(f"{args.results_dir}: not an experiment folder (no {name})")
             spec = read_json(args.results_dir / "experiment.json")["plot"]
+            runs = args.results_dir / "runs.csv"
             path = plot_experiment(args.results_dir / "results.csv", spec,
-                                   args.out or args.results_dir / "figure.png")
+                                   args.out or args.results_dir / "figure.png",
+                                   runs_csv=runs if runs.is_file() else None)
     except (OSError, ValueError, KeyError) as exc:
         print(f"fedgov.plots: error: {exc}", file=sys.stderr)
         return 2

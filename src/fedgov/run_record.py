@@ -110,6 +110,7 @@ class RunRecord:
                 "evaluate": log.seconds_evaluate,
             },
             "cooperative_accuracy": coop_acc,
+            "client_train": {str(c): m for c, m in sorted(log.client_train.items())},
             **{f"{k}_cooperative_accuracy": v for k, v in fairness(list(coop_acc.values())).items()
                if k in ("worst", "std")},
         }
@@ -134,10 +135,12 @@ class RunRecord:
         rounds = max(len(self.rows), 1)
         cooperatives = []
         for coop_id, stats in self.cooperatives.items():
-            took_part = sum(coop_id in r["sampled"] and coop_id not in
-                            [f["cooperative"] for f in r["failures"]] for r in self.rows)
+            took_part = sum(str(coop_id) in r["client_train"] for r in self.rows)
+            privacy = self._last_privacy(coop_id)
             cooperatives.append({**stats, "accuracy": final_acc.get(str(coop_id)),
-                                 "participation": took_part / rounds})
+                                 "participation": took_part / rounds,
+                                 "epsilon": privacy.get("dp_epsilon"), "delta": privacy.get("dp_delta"),
+                                 "noise_multiplier": privacy.get("dp_noise_multiplier")})
         accuracies = [c["accuracy"] for c in cooperatives if c["accuracy"] is not None]
         return {
             "run_id": self.run_dir.name,
@@ -159,7 +162,33 @@ class RunRecord:
             "bytes_down": sum(r["bytes_down"] for r in self.rows),
             "cooperatives": cooperatives,
             "fairness": fairness(accuracies),
+            "privacy": self._privacy_block(cooperatives),
         }
+
+    def _last_privacy(self, coop_id: int) -> dict[str, float]:
+        for row in reversed(self.rows):
+            metrics = row["client_train"].get(str(coop_id), {})
+            if "dp_epsilon" in metrics:
+                return metrics
+        return {}
+
+    def _privacy_block(self, cooperatives: list[dict[str, Any]]) -> dict[str, Any]:
+        p = self.cfg.privacy
+        block: dict[str, Any] = {"mechanism": p.dp}
+        if p.dp == "sample":
+            epsilons = [c["epsilon"] for c in cooperatives if c["epsilon"] is not None]
+            noises = [c["noise_multiplier"] for c in cooperatives if c["noise_multiplier"] is not None]
+            deltas = [c["delta"] for c in cooperatives if c["delta"] is not None]
+            block.update({
+                "level": "example (DP-SGD in each cooperative)",
+                "target_epsilon": p.target_epsilon or None,
+                "max_epsilon": max(epsilons, default=None),
+                "delta": max(deltas, default=None),
+                "noise_multiplier": {"min": min(noises, default=None), "max": max(noises, default=None)},
+                "max_grad_norm": p.max_grad_norm,
+                "grad_sample_mode": p.grad_sample_mode,
+            })
+        return block
 
     def finish(self, *, wall_seconds: float) -> dict[str, Any]:
         summary = self.summary(wall_seconds=wall_seconds)

@@ -45,18 +45,21 @@ def make_loader(x: np.ndarray, y: np.ndarray, *, batch_size: int, shuffle: bool,
 
 def train(model: nn.Module, loader: DataLoader, *, epochs: int, lr: float, momentum: float,
           device: torch.device, proximal_mu: float = 0.0,
-          optimizer: torch.optim.Optimizer | None = None) -> TrainResult:
+          optimizer: torch.optim.Optimizer | None = None, criterion: nn.Module | None = None,
+          skip_empty_batches: bool = True) -> TrainResult:
     """Local SGD; with ``proximal_mu > 0`` adds FedProx's proximal term towards the received weights."""
     model.to(device)
     model.train()
     if optimizer is None:
         optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
-    criterion = nn.CrossEntropyLoss()
+    criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
     total_loss, total_seen, steps = 0.0, 0, 0
     for _ in range(epochs):
         for xb, yb in loader:
-            if len(yb) == 0:  # Poisson sampling (DP-SGD) can draw empty batches
+            # Poisson sampling (DP-SGD) can draw empty batches; a private step must still
+            # be taken (and counted) for them, a plain one need not.
+            if len(yb) == 0 and skip_empty_batches:
                 continue
             xb, yb = xb.to(device), yb.to(device)
             optimizer.zero_grad(set_to_none=True)
@@ -67,7 +70,7 @@ def train(model: nn.Module, loader: DataLoader, *, epochs: int, lr: float, momen
                 objective = loss + 0.5 * proximal_mu * drift
             objective.backward()
             optimizer.step()
-            total_loss += loss.item() * len(yb)
+            total_loss += float(loss.detach().mean()) * len(yb)
             total_seen += len(yb)
             steps += 1
     return TrainResult(num_examples=len(loader.dataset), steps=steps,

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from flwr.serverapp import strategy as flwr_strategy
 
-from ..config import Config
+from ..config import ROBUST_STRATEGIES, Config
 from .recorder import CohortSampler, RoundRecorder
 
 __all__ = ["STRATEGIES", "ROBUST_STRATEGIES", "build_strategy", "RoundRecorder", "CohortSampler"]
@@ -30,8 +30,6 @@ STRATEGIES: dict[str, Callable[[Config], flwr_strategy.Strategy]] = {
                                                  q=cfg.strategy.qfedavg_q, **_TAKE_ALL),
 }
 
-# Strategies that must see every individual update; secure aggregation hides them.
-ROBUST_STRATEGIES = frozenset({"median", "trimmed_mean", "krum", "multikrum", "bulyan"})
 
 
 def _cohort_size(cfg: Config) -> int:

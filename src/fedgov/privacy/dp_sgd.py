@@ -1,0 +1,91 @@
+"""Sample-level DP-SGD in one cooperative with Opacus.
+
+The privacy engine is made fresh each round (the model arrives fresh each round),
+but the spending is carried across rounds by a ``PrivacyLedger``, so the epsilon
+a cooperative reports covers the whole run, not one round.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..task import TrainResult, make_loader, train
+from .accounting import PrivacyLedger, RoundSpend, noise_for_target
+
+__all__ = ["BudgetExhausted", "PrivateTrainResult", "plan_round", "train_private", "GRAD_SAMPLE_MODES"]
+
+# fedgov's names -> Opacus's grad_sample_mode
+GRAD_SAMPLE_MODES = {"hooks": "hooks", "functorch": "functorch", "ghost": "ghost"}
+
+
+class BudgetExhausted(RuntimeError):
+    """This round would take the cooperative past its epsilon budget; it sits the round out."""
+
+
+@dataclass(frozen=True)
+class PrivateTrainResult:
+    train: TrainResult
+    spend: RoundSpend
+
+
+def plan_round(ledger: PrivacyLedger, *, num_examples: int, batch_size: int, epochs: int,
+               rounds: int, noise_multiplier: float, target_epsilon: float) -> RoundSpend:
+    """The round's mechanism; raises BudgetExhausted if it would overspend the ledger's budget.
+
+    With only a target epsilon, the noise is chosen so that taking part in every one of
+    ``rounds`` rounds spends exactly (at most) the target.
+    """
+    # Opacus's Poisson loader draws ceil(n / B) batches an epoch, each row with probability 1/that.
+    batches = math.ceil(num_examples / batch_size)
+    sample_rate = 1.0 / batches
+    steps = epochs * batches
+    if noise_multiplier <= 0:
+        if ledger.noise_multiplier <= 0:  # the search is slow: derive once, keep in the ledger
+            ledger.noise_multiplier = noise_for_target(target_epsilon=target_epsilon, delta=ledger.delta,
+                                                       sample_rate=sample_rate, steps=rounds * steps)
+        noise_multiplier = ledger.noise_multiplier
+    spend = RoundSpend(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)
+    after = ledger.epsilon_after(spend)
+    if after > ledger.budget * (1 + 1e-9):
+        raise BudgetExhausted(f"privacy budget spent: epsilon {ledger.epsilon:.3f} so far, "
+                              f"{after:.3f} after this round > budget {ledger.budget:g}")
+    return spend
+
+
+def train_private(model: nn.Module, x: np.ndarray, y: np.ndarray, *, spend: RoundSpend, batch_size: int,
+                  epochs: int, lr: float, momentum: float, max_grad_norm: float, grad_sample_mode: str,
+                  device: torch.device, seed: int) -> PrivateTrainResult:
+    """DP-SGD for one round; returns the mechanism actually run (steps counted by Opacus)."""
+    from opacus import PrivacyEngine
+
+    torch.manual_seed(seed)  # Poisson sampling and noise: reproducible for a given seed
+    model.to(device)
+    loader = make_loader(x, y, batch_size=batch_size, shuffle=True, seed=seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    criterion = nn.CrossEntropyLoss()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Opacus warns about secure RNG and the optimizer's state
+        engine = PrivacyEngine(accountant="rdp")
+        made = engine.make_private(module=model, optimizer=optimizer, criterion=criterion, data_loader=loader,
+                                   noise_multiplier=spend.noise_multiplier, max_grad_norm=max_grad_norm,
+                                   grad_sample_mode=GRAD_SAMPLE_MODES[grad_sample_mode], poisson_sampling=True,
+                                   noise_generator=torch.Generator(device=device).manual_seed(seed + 1))
+    # Ghost clipping also wraps the loss, so Opacus returns four things instead of three.
+    if len(made) == 4:
+        private_model, private_optimizer, criterion, private_loader = made
+    else:
+        private_model, private_optimizer, private_loader = made
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook")  # raised by Opacus's own hooks
+        result = train(private_model, private_loader, epochs=epochs, lr=lr, momentum=momentum, device=device,
+                       optimizer=private_optimizer, criterion=criterion, skip_empty_batches=False)
+    (noise, sample_rate, _), *_ = engine.accountant.history
+    actual = RoundSpend(noise_multiplier=float(noise), sample_rate=float(sample_rate),
+                        steps=int(sum(s for _, _, s in engine.accountant.history)))
+    return PrivateTrainResult(train=result, spend=actual)

@@ -1,0 +1,357 @@
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedgov import experiment as ex
+from fedgov.config import Config
+from fedgov.experiment import (
+    ExperimentError,
+    confidence_interval,
+    expand_grid,
+    load_experiment,
+    metric_value,
+    run_experiment,
+    student_t_quantile,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT = ROOT / "configs" / "default.toml"
+
+
+def write_experiment(tmp_path: Path, body: str, *, name: str = "tiny.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(body)
+    return path
+
+
+TINY = f"""
+[experiment]
+name = "tiny"
+description = "two points, one seed"
+base = "{DEFAULT.as_posix()}"
+seeds = [0]
+metrics = ["final_accuracy", "fairness.worst"]
+
+[experiment.overrides]
+"train.rounds" = 2
+"data.num_cooperatives" = 3
+
+[experiment.grid]
+"data.alpha" = [0.5, 100]
+
+[experiment.plot]
+x = "data.alpha"
+xscale = "log"
+"""
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+# ---- statistics --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("df, expected", [(1, 12.7062), (2, 4.3027), (3, 3.1824), (5, 2.5706),
+                                          (10, 2.2281), (30, 2.0423), (1000, 1.9623)])
+def test_t_quantile_known_values(df, expected):
+    assert student_t_quantile(0.975, df) == pytest.approx(expected, abs=1e-4)
+    assert student_t_quantile(0.025, df) == pytest.approx(-expected, abs=1e-4)
+
+
+def test_t_quantile_matches_scipy_when_available():
+    stats = pytest.importorskip("scipy.stats")
+    for q in (0.6, 0.9, 0.95, 0.975, 0.995):
+        for df in (1, 2, 4, 7.5, 29, 200):
+            assert student_t_quantile(q, df) == pytest.approx(stats.t.ppf(q, df), rel=1e-8)
+
+
+def test_confidence_interval_of_one_two_three():
+    ci = confidence_interval([1.0, 2.0, 3.0])
+    half = 4.302652729749464 * 1.0 / math.sqrt(3)  # t(0.975, 2) * s / sqrt(n), s = 1
+    assert ci.n == 3 and ci.mean == pytest.approx(2.0) and ci.std == pytest.approx(1.0)
+    assert ci.low == pytest.approx(2.0 - half, abs=1e-9)
+    assert ci.high == pytest.approx(2.0 + half, abs=1e-9)
+
+
+def test_confidence_interval_edge_cases():
+    one = confidence_interval([0.7])
+    assert (one.n, one.mean, one.low, one.high) == (1, 0.7, 0.7, 0.7)  # the point itself
+    assert confidence_interval([]).n == 0 and math.isnan(confidence_interval([]).mean)
+    assert confidence_interval([1.0, None, float("nan"), 3.0]).n == 2  # missing values are not zeros
+    same = confidence_interval([0.5, 0.5, 0.5])
+    assert same.low == same.high == 0.5
+
+
+# ---- the experiment file --------------------------------------------------------------------
+
+def test_expand_grid_is_the_cartesian_product_in_file_order():
+    points = expand_grid({"data.alpha": [0.1, 1.0], "strategy.name": ["fedavg", "fedprox", "median"]})
+    assert len(points) == 6
+    assert points[0] == {"data.alpha": 0.1, "strategy.name": "fedavg"}
+    assert points[1] == {"data.alpha": 0.1, "strategy.name": "fedprox"}
+    assert points[-1] == {"data.alpha": 1.0, "strategy.name": "median"}
+    assert expand_grid({}) == [{}]
+
+
+def test_point_ids_are_readable_and_safe():
+    assert ex.point_id({"data.alpha": 0.1, "strategy.name": "fedprox"}) == "data.alpha=0.1__strategy.name=fedprox"
+    assert ex.point_id({"train.rounds": 5, "data.alpha": 100.0}) == "train.rounds=5__data.alpha=100.0"
+    odd = ex.point_id({"data.path": "../data/a b.csv"})
+    assert "/" not in odd and " " not in odd and odd != ex.point_id({"data.path": "../data/a_b.csv"})
+
+
+def test_load_experiment_resolves_base_and_normalizes_values(tmp_path):
+    exp = load_experiment(write_experiment(tmp_path, TINY))
+    assert exp.base.train.rounds == 2 and exp.base.data.num_cooperatives == 3
+    assert exp.grid == {"data.alpha": [0.5, 100.0]}  # int 100 -> float, as the Config holds it
+    assert [p.id for p in exp.points] == ["data.alpha=0.5", "data.alpha=100.0"]
+    assert exp.plot["x"] == "data.alpha" and exp.plot["y"] == ["final_accuracy", "fairness.worst"]
+    assert exp.default_out() == tmp_path / "results" / "tiny"
+
+
+def test_shipped_experiments_load():
+    for path in sorted((ROOT / "experiments").glob("*.toml")):
+        exp = load_experiment(path)
+        assert exp.points and exp.seeds
+    het = load_experiment(ROOT / "experiments" / "heterogeneity.toml")
+    assert het.grid == {"data.alpha": [0.1, 0.5, 1.0, 100.0]} and het.seeds == (0, 1, 2)
+    assert het.base_path.resolve() == DEFAULT.resolve()
+    assert het.plot["xscale"] == "log"
+
+
+def test_bare_dotted_keys_and_seed_count(tmp_path):
+    body = TINY.replace('"data.alpha" = [0.5, 100]', "data.alpha = [0.5]\nstrategy.name = ['fedavg', 'fedprox']")
+    body = body.replace("seeds = [0]", "seeds = 2").replace('x = "data.alpha"', 'x = "strategy.name"')
+    body = body.replace('xscale = "log"', 'series = "data.alpha"')
+    exp = load_experiment(write_experiment(tmp_path, body))
+    assert list(exp.grid) == ["data.alpha", "strategy.name"] and exp.seeds == (0, 1)
+    assert exp.points[1].id == "data.alpha=0.5__strategy.name=fedprox"
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (('"data.alpha" = [0.5, 100]', '"data.alpah" = [0.5]'), "experiment.grid: data.alpah: unknown key"),
+    (('"data.alpha" = [0.5, 100]', '"data.alpha" = [0.5, 0]'), "data.alpha: 0"),
+    (('"data.alpha" = [0.5, 100]', '"model.name" = ["mlp", "transformer"]'), "model.name: 'transformer'"),
+    (('"data.alpha" = [0.5, 100]', '"data.alpha" = 0.5'), "experiment.grid.data.alpha: expected a non-empty list"),
+    (('"data.alpha" = [0.5, 100]', '"seed" = [1, 2]'), "experiment.grid.seed: set by the experiment"),
+    (('seeds = [0]', 'seeds = [0, -1]'), "experiment.seeds"),
+    (('name = "tiny"', 'nmae = "tiny"'), "experiment.nmae: unknown key"),
+    (('"final_accuracy", "fairness.worst"', '"final_acc"'), "experiment.metrics: 'final_acc'"),
+    (('"train.rounds" = 2', '"train.rounds" = 0'), "experiment.overrides: train.rounds"),
+    (('xscale = "log"', 'xscale = "loglog"'), "experiment.plot.xscale"),
+    (('x = "data.alpha"', 'x = "data.beta"'), "experiment.plot.x: 'data.beta'"),
+    (('x = "data.alpha"', 'x = "data.alpha"\ncolour = "red"'), "experiment.plot.colour: unknown key"),
+    ((f'base = "{DEFAULT.as_posix()}"', 'base = "nope.toml"'), "nope.toml: no such config file"),
+])
+def test_validation_errors_are_one_line_naming_file_and_key(tmp_path, edit, fragment):
+    old, new = edit
+    assert old in TINY
+    path = write_experiment(tmp_path, TINY.replace(old, new))
+    with pytest.raises(ExperimentError) as info:
+        load_experiment(path)
+    message = str(info.value)
+    assert fragment in message and str(path) in message and "\n" not in message
+
+
+def test_cli_unknown_grid_key_exits_2_without_traceback(tmp_path):
+    path = write_experiment(tmp_path, TINY.replace('"data.alpha" = [0.5, 100]', '"data.no_such_key" = [1, 2]'))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "fedgov.experiment", str(path), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "data.no_such_key" in proc.stderr and str(path) in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not out.exists()  # nothing was started
+
+
+# ---- running, with a fake simulate (no Flower) -------------------------------------------------
+
+class FakeSimulate:
+    """Stands in for ``python -m fedgov.simulate``: writes a summary.json and prints the run dir."""
+
+    def __init__(self, *, fail_alpha: float | None = None) -> None:
+        self.commands: list[list[str]] = []
+        self.fail_alpha = fail_alpha
+
+    def __call__(self, command: list[str]) -> tuple[int, str, str]:
+        self.commands.append(command)
+        if "--resume" in command:
+            run_dir = Path(command[command.index("--resume") + 1])
+            cfg = ex.load_config(run_dir / "config.toml")
+        else:
+            cfg = ex.load_config(Path(command[command.index("--config") + 1]))
+            run_dir = Path(command[command.index("--out") + 1]) / f"20990101-000000-{cfg.hash()[:8]}"
+            run_dir.mkdir(parents=True)
+            (run_dir / "config.toml").write_text(cfg.to_toml())
+        if cfg.data.alpha == self.fail_alpha:
+            return 1, "", "Ray started\nTraceback (most recent call last):\nValueError: boom\n"
+        acc = 0.5 + 0.1 * cfg.seed + cfg.data.alpha / 1000
+        summary = {"config_hash": cfg.hash(), "seed": cfg.seed, "final_accuracy": acc,
+                   "fairness": {"worst": acc - 0.2}}
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+        return 0, f"a table\n{run_dir}\n", ""
+
+
+def premade_run(job: ex.Job, *, accuracy: float, config: Config | None = None,
+                summary: bool = True) -> Path:
+    cfg = config or job.config
+    run_dir = job.seed_dir / f"20000101-000000-{cfg.hash()[:8]}"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.toml").write_text(cfg.to_toml())
+    if summary:
+        (run_dir / "summary.json").write_text(json.dumps(
+            {"config_hash": cfg.hash(), "final_accuracy": accuracy, "fairness": {"worst": accuracy}}))
+    else:
+        (run_dir / "checkpoint.npz").write_bytes(b"")
+    return run_dir
+
+
+def test_run_with_fake_simulate_writes_tables_and_figure(tmp_path):
+    exp = load_experiment(write_experiment(tmp_path, TINY.replace("seeds = [0]", "seeds = [0, 1, 2]")))
+    out = tmp_path / "out"
+    fake = FakeSimulate()
+    results = run_experiment(exp, out=out, runner=fake)
+    assert len(fake.commands) == 6 and all(r.status == "ok" for r in results)
+    command = fake.commands[0]
+    assert command[1:3] == ["-m", "fedgov.simulate"] and "--no-progress" in command
+    runs = read_csv(out / "runs.csv")
+    assert len(runs) == 6 and {r["status"] for r in runs} == {"ok"}
+    assert runs[0]["run_dir"].startswith("points/data.alpha=0.5/seed-0/")
+    rows = read_csv(out / "results.csv")
+    assert [r["data.alpha"] for r in rows] == ["0.5", "100.0"]
+    row = rows[0]
+    assert row["n"] == "3" and row["failed"] == "0"
+    mean = 0.6 + 0.5 / 1000  # seeds 0, 1, 2 -> 0.5, 0.6, 0.7 (+ alpha / 1000)
+    half = student_t_quantile(0.975, 2) * 0.1 / math.sqrt(3)
+    assert float(row["final_accuracy_mean"]) == pytest.approx(mean)
+    assert float(row["final_accuracy_ci95_low"]) == pytest.approx(mean - half)
+    assert float(row["fairness.worst_ci95_high"]) == pytest.approx(mean - 0.2 + half)
+    assert (out / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    meta = json.loads((out / "experiment.json").read_text())
+    assert meta["finished"] and len(meta["runs"]) == 6 and "fedgov.simulate" in meta["runs"][0]["command"]
+    assert meta["plot"]["x"] == "data.alpha" and meta["experiment_toml"] == exp.text
+
+
+def test_resume_skips_runs_whose_summary_exists(tmp_path):
+    exp = load_experiment(write_experiment(tmp_path, TINY))
+    out = tmp_path / "out"
+    jobs = ex.build_jobs(exp, out, seeds=exp.seeds)
+    kept = premade_run(jobs[0], accuracy=0.123)
+    # A summary of a different config (e.g. the base file changed since) must not be reused.
+    premade_run(jobs[1], accuracy=0.999, config=jobs[1].config.replace(**{"train.lr": 0.5}))
+    fake = FakeSimulate()
+    results = run_experiment(exp, out=out, runner=fake)
+    assert len(fake.commands) == 1
+    assert "data.alpha=100.0" in fake.commands[0][fake.commands[0].index("--config") + 1]
+    status = {r.job.point.id: r.status for r in results}
+    assert status == {"data.alpha=0.5": "done", "data.alpha=100.0": "ok"}
+    runs = {r["point"]: r for r in read_csv(out / "runs.csv")}
+    assert float(runs["data.alpha=0.5"]["final_accuracy"]) == 0.123
+    assert runs["data.alpha=0.5"]["run_dir"] == str(kept.relative_to(out))
+    assert float(runs["data.alpha=100.0"]["final_accuracy"]) != 0.999
+    # Everything is done now: a second invocation runs nothing.
+    again = FakeSimulate()
+    run_experiment(exp, out=out, runner=again)
+    assert again.commands == []
+    recorded = {r["point"]: r for r in json.loads((out / "experiment.json").read_text())["runs"]}
+    assert all(r["status"] == "done" for r in recorded.values())
+    assert "fedgov.simulate" in recorded["data.alpha=100.0"]["command"]  # carried over from the run that made it
+
+
+def test_interrupted_run_is_continued_from_its_checkpoint(tmp_path):
+    exp = load_experiment(write_experiment(tmp_path, TINY))
+    out = tmp_path / "out"
+    jobs = ex.build_jobs(exp, out, seeds=exp.seeds)
+    partial = premade_run(jobs[0], accuracy=0.0, summary=False)
+    fake = FakeSimulate()
+    run_experiment(exp, out=out, runner=fake)
+    resumed = [c for c in fake.commands if "--resume" in c]
+    assert len(resumed) == 1 and resumed[0][resumed[0].index("--resume") + 1] == str(partial)
+
+
+def test_failed_run_is_recorded_and_the_rest_goes_on(tmp_path, monkeypatch, capsys):
+    path = write_experiment(tmp_path, TINY)
+    out = tmp_path / "out"
+    monkeypatch.setattr(ex, "subprocess_runner", FakeSimulate(fail_alpha=0.5))
+    code = ex.main([str(path), "--out", str(out)])
+    assert code == 1
+    captured = capsys.readouterr()
+    assert captured.out.strip().splitlines()[-1] == str(out)
+    assert "1 of 2 runs failed" in captured.err
+    runs = {r["point"]: r for r in read_csv(out / "runs.csv")}
+    assert runs["data.alpha=0.5"]["status"] == "failed"
+    assert "ValueError: boom" in runs["data.alpha=0.5"]["error"]
+    assert runs["data.alpha=100.0"]["status"] == "ok"
+    rows = {r["point"]: r for r in read_csv(out / "results.csv")}
+    assert rows["data.alpha=0.5"]["n"] == "0" and rows["data.alpha=0.5"]["failed"] == "1"
+    assert rows["data.alpha=100.0"]["n"] == "1"
+    assert rows["data.alpha=100.0"]["final_accuracy_ci95_low"] == rows["data.alpha=100.0"]["final_accuracy_mean"]
+    assert "n=1" in rows["data.alpha=100.0"]["note"]
+    log = next((out / "points" / "data.alpha=0.5" / "seed-0").glob("simulate.log")).read_text()
+    assert "ValueError: boom" in log
+
+
+def test_quick_shrinks_runs_and_uses_one_seed(tmp_path, monkeypatch, capsys):
+    body = TINY.replace("seeds = [0]", "seeds = [4, 5]").replace('"train.rounds" = 2', '"train.rounds" = 30')
+    body = body.replace('"data.num_cooperatives" = 3', '"data.num_cooperatives" = 8')
+    path = write_experiment(tmp_path, body)
+    fake = FakeSimulate()
+    monkeypatch.setattr(ex, "subprocess_runner", fake)
+    assert ex.main([str(path), "--quick"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(tmp_path / "results" / "tiny-quick")
+    configs = [ex.load_config(Path(c[c.index("--config") + 1])) for c in fake.commands]
+    assert len(configs) == 2
+    assert all(c.train.rounds == 2 and c.data.num_cooperatives == 3 and c.seed == 4 for c in configs)
+
+
+def test_summary_metrics_exist_in_a_real_summary(tmp_path):
+    from fedgov.run_record import RunRecord
+
+    record = RunRecord(tmp_path, Config(), cooperatives={0: {"id": 0, "num_examples": 5}},
+                       num_parameters=10, device="cpu")
+    summary = record.summary(wall_seconds=1.0)
+    for metric in ex.SUMMARY_METRICS:
+        node = summary
+        for part in metric.split("."):
+            assert part in node, metric
+            node = node[part]
+    assert metric_value({"fairness": {"worst": 0.5}}, "fairness.worst") == 0.5
+    assert metric_value({"fairness": {"worst": None}}, "fairness.worst") is None
+
+
+# ---- end to end, with Flower ------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_end_to_end_tiny_experiment(tmp_path):
+    path = write_experiment(tmp_path, TINY)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "fedgov.experiment", str(path), "--out", str(out)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == str(out)
+    runs = read_csv(out / "runs.csv")
+    assert len(runs) == 2 and all(r["status"] == "ok" for r in runs)
+    for r in runs:
+        assert 0.0 < float(r["final_accuracy"]) <= 1.0 and math.isfinite(float(r["fairness.worst"]))
+        summary = json.loads((out / r["run_dir"] / "summary.json").read_text())
+        assert summary["rounds"] == 2 and len(summary["cooperatives"]) == 3
+        assert all(metric_value(summary, m) is not None for m in ex.SUMMARY_METRICS)
+    rows = read_csv(out / "results.csv")
+    assert [r["data.alpha"] for r in rows] == ["0.5", "100.0"]
+    for row in rows:
+        assert row["n"] == "1"
+        for m in ("final_accuracy", "fairness.worst"):
+            assert math.isfinite(float(row[f"{m}_mean"]))
+            assert row[f"{m}_ci95_low"] == row[f"{m}_mean"] == row[f"{m}_ci95_high"]
+    assert (out / "figure.png").stat().st_size > 10_000
+    # Running it again finds every summary.json and starts no federation.
+    again = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "kept" in again.stderr
+    assert read_csv(out / "results.csv") == rows

@@ -1,0 +1,91 @@
+import json
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+
+from fedgov import plots
+from fedgov.plots import plot_experiment, plot_run
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+RESULTS = """\
+point,data.alpha,n,failed,final_accuracy_mean,final_accuracy_ci95_low,final_accuracy_ci95_high,fairness.worst_mean,fairness.worst_ci95_low,fairness.worst_ci95_high,note
+data.alpha=0.1,0.1,3,0,0.80,0.75,0.85,0.40,0.30,0.50,
+data.alpha=1.0,1.0,3,0,0.90,0.88,0.92,0.70,0.65,0.75,
+data.alpha=100.0,100.0,2,1,0.93,0.92,0.94,0.85,0.80,0.90,
+"""
+
+SPEC = {"x": "data.alpha", "y": ["final_accuracy", "fairness.worst"], "xscale": "log",
+        "title": "Label skew", "labels": {"data.alpha": "Dirichlet alpha"}}
+
+
+def assert_png(path: Path, *, min_width: int = 800) -> None:
+    assert path.read_bytes()[:8] == PNG
+    height, width, _ = matplotlib.image.imread(path).shape
+    assert width >= min_width and height > 300
+
+
+def test_plot_experiment_from_hand_made_results(tmp_path):
+    csv_path = tmp_path / "results.csv"
+    csv_path.write_text(RESULTS)
+    out = plot_experiment(csv_path, SPEC, tmp_path / "figure.png")
+    assert out == tmp_path / "figure.png"
+    assert_png(out)
+    assert not list(tmp_path.glob(".*.tmp"))  # the temporary file was renamed into place
+
+
+def test_plot_experiment_with_series_and_categorical_x(tmp_path):
+    csv_path = tmp_path / "results.csv"
+    csv_path.write_text(
+        "point,strategy.name,data.alpha,n,failed,final_accuracy_mean,final_accuracy_ci95_low,final_accuracy_ci95_high\n"
+        "a,fedavg,0.1,1,0,0.8,0.8,0.8\n"
+        "b,fedavg,1.0,1,0,0.9,0.9,0.9\n"
+        "c,fedprox,0.1,1,0,0.82,0.82,0.82\n"
+        "d,fedprox,1.0,0,1,,,\n"  # a point with no successful run is left out, not drawn at 0
+    )
+    spec = {"x": "strategy.name", "series": "data.alpha", "y": ["final_accuracy"], "xscale": "linear"}
+    assert_png(plot_experiment(csv_path, spec, tmp_path / "a.png"))
+    spec = {"x": "data.alpha", "series": "strategy.name", "y": ["final_accuracy"], "xscale": "log"}
+    assert_png(plot_experiment(csv_path, spec, tmp_path / "b.png"))
+
+
+def test_plot_experiment_rejects_a_missing_column(tmp_path):
+    csv_path = tmp_path / "results.csv"
+    csv_path.write_text(RESULTS)
+    with pytest.raises(ValueError, match="data.beta"):
+        plot_experiment(csv_path, {**SPEC, "x": "data.beta"}, tmp_path / "figure.png")
+
+
+def make_run_dir(tmp_path: Path) -> Path:
+    run_dir = tmp_path / "20260101-000000-abcdef12"
+    run_dir.mkdir()
+    rows = [{"round": r, "accuracy": 0.5 + 0.1 * r, "loss": 1.0 / r, "worst_cooperative_accuracy": 0.3 + 0.1 * r,
+             "cooperative_accuracy": {"0": 0.3 + 0.1 * r, "1": 0.6 + 0.1 * r, "2": 0.5}} for r in (1, 2, 3)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run_dir / "config.toml").write_text(
+        'seed = 0\n[data]\ndataset = "digits"\npartition = "dirichlet"\nalpha = 0.5\nnum_cooperatives = 3\n'
+        '[strategy]\nname = "fedavg"\n')
+    return run_dir
+
+
+def test_plot_run_from_hand_made_metrics(tmp_path):
+    run_dir = make_run_dir(tmp_path)
+    assert_png(plot_run(run_dir, tmp_path / "run.png"))
+
+
+def test_cli(tmp_path, capsys):
+    run_dir = make_run_dir(tmp_path)
+    assert plots.main(["run", str(run_dir)]) == 0
+    assert capsys.readouterr().out.strip() == str(run_dir / "accuracy.png")
+    assert_png(run_dir / "accuracy.png")
+
+    results = tmp_path / "experiment"
+    results.mkdir()
+    (results / "results.csv").write_text(RESULTS)
+    (results / "experiment.json").write_text(json.dumps({"plot": SPEC}))
+    assert plots.main(["experiment", str(results), "-o", str(tmp_path / "redrawn.png")]) == 0
+    assert_png(tmp_path / "redrawn.png")
+
+    assert plots.main(["experiment", str(tmp_path / "nowhere")]) == 2
+    assert "not an experiment folder" in capsys.readouterr().err
