@@ -12,13 +12,16 @@ import math
 import time
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from .config import Config
 from .data import Cooperative, build_federation
 from .models import build_model
 from .privacy import BudgetExhausted, PrivacyLedger, default_delta
+from .privacy.central import UNIT_WEIGHT_KEY
 from .privacy.dp_sgd import plan_round, train_private
 from .task import TrainResult, evaluate, make_loader, resolve_device, train
 
@@ -125,6 +128,7 @@ def _handle_train(message: Message, node: _Node, context: Context) -> Message:
                        proximal_mu=float(round_config.get("proximal-mu", 0.0)))
     metrics = MetricRecord({
         "num-examples": result.num_examples,
+        UNIT_WEIGHT_KEY: 1,
         "partition-id": coop.id,
         "local_loss": result.train_loss,
         "steps": result.steps,
@@ -141,6 +145,7 @@ def _handle_evaluate(message: Message, node: _Node) -> Message:
     result = evaluate(model, coop.test.x, coop.test.y, device=node.device)
     metrics = MetricRecord({
         "num-examples": result.num_examples,
+        UNIT_WEIGHT_KEY: 1,
         "partition-id": coop.id,
         "eval_loss": result.loss,
         "eval_acc": result.accuracy,
@@ -148,9 +153,21 @@ def _handle_evaluate(message: Message, node: _Node) -> Message:
     return Message(content=RecordDict({"metrics": metrics}), reply_to=message)
 
 
+def clip_when_asked(message: Message, context: Context, call_next):  # noqa: ANN001, ANN201
+    """Flower's client-side clipping mod, only on train messages that carry a clipping norm.
+
+    (``privacy.dp = 'user'`` with ``privacy.clipping_side = 'client'``; the bare mod would
+    reject every other message.)
+    """
+    if message.metadata.message_type == MessageType.TRAIN and KEY_CLIPPING_NORM in message.content.get(
+            "config", {}):
+        return fixedclipping_mod(message, context, call_next)
+    return call_next(message, context)
+
+
 def build_client_app(config: Config | None = None) -> ClientApp:
     """The ClientApp; with ``config`` it ignores ``context.run_config`` (used by fedgov.simulate)."""
-    client_app = ClientApp()
+    client_app = ClientApp(mods=[clip_when_asked])
 
     @client_app.query()
     def query(message: Message, context: Context) -> Message:

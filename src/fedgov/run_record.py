@@ -72,6 +72,12 @@ class RunRecord:
         self.num_parameters = num_parameters
         self.device = device
         self.rows: list[dict[str, Any]] = []
+        self.central_dp = None
+        if cfg.privacy.dp == "user":
+            from .privacy.central import central_dp
+            from .strategies import cohort_size
+
+            self.central_dp = central_dp(cfg, cohort_size=cohort_size(cfg))
         self.resumed_from: int | None = None
         atomic_write_text(self.run_dir / "config.toml", cfg.to_toml())
 
@@ -114,6 +120,8 @@ class RunRecord:
             **{f"{k}_cooperative_accuracy": v for k, v in fairness(list(coop_acc.values())).items()
                if k in ("worst", "std")},
         }
+        if self.central_dp is not None:
+            row["epsilon"] = self.central_dp.epsilon_after(log.round)
         self.rows.append(row)
         write_jsonl(self.run_dir / "metrics.jsonl", self.rows)
         return row
@@ -137,6 +145,9 @@ class RunRecord:
         for coop_id, stats in self.cooperatives.items():
             took_part = sum(str(coop_id) in r["client_train"] for r in self.rows)
             privacy = self._last_privacy(coop_id)
+            if self.central_dp is not None and self.rows:  # the same guarantee for every cooperative
+                privacy = {"dp_epsilon": self.rows[-1]["epsilon"], "dp_delta": self.central_dp.delta,
+                           "dp_noise_multiplier": self.central_dp.noise_multiplier}
             cooperatives.append({**stats, "accuracy": final_acc.get(str(coop_id)),
                                  "participation": took_part / rounds,
                                  "epsilon": privacy.get("dp_epsilon"), "delta": privacy.get("dp_delta"),
@@ -187,6 +198,18 @@ class RunRecord:
                 "noise_multiplier": {"min": min(noises, default=None), "max": max(noises, default=None)},
                 "max_grad_norm": p.max_grad_norm,
                 "grad_sample_mode": p.grad_sample_mode,
+            })
+        elif self.central_dp is not None:
+            dp = self.central_dp
+            block.update({
+                "level": "cooperative (central noise on clipped updates)",
+                "target_epsilon": p.target_epsilon or None,
+                "epsilon": self.rows[-1]["epsilon"] if self.rows else 0.0,
+                "delta": dp.delta,
+                "noise_multiplier": dp.noise_multiplier,
+                "clipping_norm": dp.clipping_norm,
+                "clipping_side": dp.side,
+                "sample_rate": dp.sample_rate,
             })
         return block
 

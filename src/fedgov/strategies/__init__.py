@@ -9,33 +9,47 @@ from flwr.serverapp import strategy as flwr_strategy
 from ..config import ROBUST_STRATEGIES, Config
 from .recorder import CohortSampler, RoundRecorder
 
-__all__ = ["STRATEGIES", "ROBUST_STRATEGIES", "build_strategy", "RoundRecorder", "CohortSampler"]
+__all__ = ["STRATEGIES", "ROBUST_STRATEGIES", "build_strategy", "cohort_size", "RoundRecorder", "CohortSampler"]
 
 # fedgov samples the cohort itself (seeded) and hands the inner strategy only the
 # sampled nodes, so every Flower strategy is told to take all the nodes it is shown.
 _TAKE_ALL = dict(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=1,
                  min_evaluate_nodes=1, min_available_nodes=1)
 
+
+def _common(cfg: Config) -> dict:
+    if cfg.privacy.dp == "user":  # central DP's noise is calibrated to an unweighted mean
+        from ..privacy.central import UNIT_WEIGHT_KEY
+
+        return {**_TAKE_ALL, "weighted_by_key": UNIT_WEIGHT_KEY}
+    return dict(_TAKE_ALL)
+
 STRATEGIES: dict[str, Callable[[Config], flwr_strategy.Strategy]] = {
-    "fedavg": lambda cfg: flwr_strategy.FedAvg(**_TAKE_ALL),
-    "fedprox": lambda cfg: flwr_strategy.FedProx(proximal_mu=cfg.strategy.proximal_mu, **_TAKE_ALL),
-    "median": lambda cfg: flwr_strategy.FedMedian(**_TAKE_ALL),
-    "trimmed_mean": lambda cfg: flwr_strategy.FedTrimmedAvg(beta=cfg.strategy.trim_beta, **_TAKE_ALL),
-    "krum": lambda cfg: flwr_strategy.Krum(num_malicious_nodes=cfg.strategy.num_malicious, **_TAKE_ALL),
+    "fedavg": lambda cfg: flwr_strategy.FedAvg(**_common(cfg)),
+    "fedprox": lambda cfg: flwr_strategy.FedProx(proximal_mu=cfg.strategy.proximal_mu, **_common(cfg)),
+    "median": lambda cfg: flwr_strategy.FedMedian(**_common(cfg)),
+    "trimmed_mean": lambda cfg: flwr_strategy.FedTrimmedAvg(beta=cfg.strategy.trim_beta, **_common(cfg)),
+    "krum": lambda cfg: flwr_strategy.Krum(num_malicious_nodes=cfg.strategy.num_malicious, **_common(cfg)),
     "multikrum": lambda cfg: flwr_strategy.MultiKrum(
         num_malicious_nodes=cfg.strategy.num_malicious,
-        num_nodes_to_select=max(1, _cohort_size(cfg) - cfg.strategy.num_malicious), **_TAKE_ALL),
-    "bulyan": lambda cfg: flwr_strategy.Bulyan(num_malicious_nodes=cfg.strategy.num_malicious, **_TAKE_ALL),
+        num_nodes_to_select=max(1, cohort_size(cfg) - cfg.strategy.num_malicious), **_common(cfg)),
+    "bulyan": lambda cfg: flwr_strategy.Bulyan(num_malicious_nodes=cfg.strategy.num_malicious, **_common(cfg)),
     "qfedavg": lambda cfg: flwr_strategy.QFedAvg(client_learning_rate=cfg.train.lr,
-                                                 q=cfg.strategy.qfedavg_q, **_TAKE_ALL),
+                                                 q=cfg.strategy.qfedavg_q, **_common(cfg)),
 }
 
 
 
-def _cohort_size(cfg: Config) -> int:
+def cohort_size(cfg: Config) -> int:
+    """How many cooperatives train each round (the CohortSampler's rule)."""
     return max(1, round(cfg.strategy.fraction_train * cfg.data.num_cooperatives))
 
 
 def build_strategy(cfg: Config) -> flwr_strategy.Strategy:
-    """The Flower strategy named by ``strategy.name``, configured from the run config."""
-    return STRATEGIES[cfg.strategy.name](cfg)
+    """The Flower strategy named by ``strategy.name``, wrapped in Flower's DP wrapper for ``privacy.dp = 'user'``."""
+    strategy = STRATEGIES[cfg.strategy.name](cfg)
+    if cfg.privacy.dp == "user":
+        from ..privacy.central import central_dp
+
+        strategy = central_dp(cfg, cohort_size=cohort_size(cfg)).wrap(strategy)
+    return strategy
