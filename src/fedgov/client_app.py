@@ -20,9 +20,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from .config import Config
 from .data import Cooperative, build_federation
 from .models import build_model
-from .privacy import BudgetExhausted, PrivacyLedger, default_delta
-from .privacy.central import UNIT_WEIGHT_KEY
-from .privacy.dp_sgd import plan_round, train_private
+from .privacy import UNIT_WEIGHT_KEY
 from .task import TrainResult, evaluate, make_loader, resolve_device, train
 
 __all__ = ["app", "build_client_app"]
@@ -79,6 +77,8 @@ _LEDGER_KEY = "fedgov.privacy"
 def _train_private(model: torch.nn.Module, node: _Node, context: Context, seed: int
                    ) -> tuple[TrainResult, dict[str, float]]:
     """DP-SGD with a ledger that survives between rounds in ``context.state``."""
+    from .privacy.accounting import PrivacyLedger, default_delta
+    from .privacy.dp_sgd import plan_round, train_private
     cfg, coop = node.config, node.cooperative
     n = len(coop.train.y)
     if _LEDGER_KEY in context.state:
@@ -116,6 +116,8 @@ def _handle_train(message: Message, node: _Node, context: Context) -> Message:
     if cfg.strategy.name == "qfedavg":  # q-FedAvg needs the loss of the *received* model
         extra["train_loss"] = evaluate(model, coop.train.x, coop.train.y, device=node.device).loss
     if cfg.privacy.dp == "sample":
+        from .privacy.dp_sgd import BudgetExhausted
+
         try:
             result, privacy = _train_private(model, node, context, seed)
         except BudgetExhausted as exc:

@@ -22,12 +22,10 @@ from flwr.serverapp.strategy import (
 )
 
 from ..config import Config
+from . import UNIT_WEIGHT_KEY
 from .accounting import default_delta, noise_for_target, user_level_epsilon
 
 __all__ = ["CentralDP", "central_dp", "UNIT_WEIGHT_KEY"]
-
-# Metric every cooperative reports as 1, so that a strategy weighting by it takes the plain mean.
-UNIT_WEIGHT_KEY = "unit-weight"
 
 
 @dataclass(frozen=True)
