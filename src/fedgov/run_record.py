@@ -171,6 +171,8 @@ class RunRecord:
             "strategy": cfg.strategy.name,
             "bytes_up": sum(r["bytes_up"] for r in self.rows),
             "bytes_down": sum(r["bytes_down"] for r in self.rows),
+            "seconds_per_round": sum(r["seconds"] for r in self.rows) / rounds,
+            "bytes_per_round": sum(r["bytes_up"] + r["bytes_down"] for r in self.rows) / rounds,
             "cooperatives": cooperatives,
             "fairness": fairness(accuracies),
             "privacy": self._privacy_block(cooperatives),
