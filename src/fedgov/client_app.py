@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
+from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -51,6 +54,17 @@ class _Node:
         model = build_model(cfg.model.name, input_shape=self.federation.input_shape,
                             num_classes=self.federation.num_classes, hidden=cfg.model.hidden)
         model.load_state_dict(message.content["arrays"].to_torch_state_dict())
+        return model
+
+    def model_from_arrays(self, arrays: list) -> torch.nn.Module:
+        """The model from unnamed numpy arrays in state_dict order (SecAgg+'s legacy messages)."""
+        cfg = self.config
+        model = build_model(cfg.model.name, input_shape=self.federation.input_shape,
+                            num_classes=self.federation.num_classes, hidden=cfg.model.hidden)
+        names = list(model.state_dict())
+        if len(names) != len(arrays):
+            raise ValueError(f"received {len(arrays)} arrays for a model with {len(names)}")
+        model.load_state_dict({n: torch.from_numpy(np.asarray(a)) for n, a in zip(names, arrays)})
         return model
 
 
@@ -104,11 +118,14 @@ def _train_private(model: torch.nn.Module, node: _Node, context: Context, seed: 
     }
 
 
-def _handle_train(message: Message, node: _Node, context: Context) -> Message:
+def _train_model(model: torch.nn.Module, node: _Node, context: Context, round_config: Mapping[str, Any]
+                 ) -> dict[str, float]:
+    """Local training of ``model`` in place (plain SGD or DP-SGD); returns the round's metrics.
+
+    Shared by the plain path and the SecAgg+ path. Raises BudgetExhausted when DP-SGD's budget is spent.
+    """
     cfg = node.config
-    round_config = message.content["config"]
     server_round = int(round_config.get("server-round", 0))
-    model = node.model_from(message)
     coop = node.cooperative
     seed = cfg.seed * 1_000_003 + server_round * 1_009 + coop.id
     started = time.perf_counter()
@@ -116,19 +133,14 @@ def _handle_train(message: Message, node: _Node, context: Context) -> Message:
     if cfg.strategy.name == "qfedavg":  # q-FedAvg needs the loss of the *received* model
         extra["train_loss"] = evaluate(model, coop.train.x, coop.train.y, device=node.device).loss
     if cfg.privacy.dp == "sample":
-        from .privacy.dp_sgd import BudgetExhausted
-
-        try:
-            result, privacy = _train_private(model, node, context, seed)
-        except BudgetExhausted as exc:
-            return Message(Error(code=CODE_DECLINED, reason=str(exc)), reply_to=message)
+        result, privacy = _train_private(model, node, context, seed)
         extra.update(privacy)
     else:
         loader = make_loader(coop.train.x, coop.train.y, batch_size=cfg.train.batch_size, shuffle=True, seed=seed)
         result = train(model, loader, epochs=cfg.train.local_epochs, lr=cfg.train.lr,
                        momentum=cfg.train.momentum, device=node.device,
                        proximal_mu=float(round_config.get("proximal-mu", 0.0)))
-    metrics = MetricRecord({
+    return {
         "num-examples": result.num_examples,
         UNIT_WEIGHT_KEY: 1,
         "partition-id": coop.id,
@@ -136,9 +148,50 @@ def _handle_train(message: Message, node: _Node, context: Context) -> Message:
         "steps": result.steps,
         "seconds_local_train": time.perf_counter() - started,
         **extra,
-    })
-    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
+    }
+
+
+def _handle_train(message: Message, node: _Node, context: Context) -> Message:
+    model = node.model_from(message)
+    try:
+        metrics = _train_model(model, node, context, message.content["config"])
+    except _declines(node.config) as exc:
+        return Message(Error(code=CODE_DECLINED, reason=str(exc)), reply_to=message)
+    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=message)
+
+
+def _declines(cfg: Config) -> tuple[type[Exception], ...]:
+    """What makes a cooperative sit a round out: a spent DP-SGD budget (Opacus loaded only under DP-SGD)."""
+    if cfg.privacy.dp != "sample":
+        return ()
+    from .privacy.dp_sgd import BudgetExhausted
+
+    return (BudgetExhausted,)
+
+
+def _handle_secagg(message: Message, context: Context, config: Config | None) -> Message | None:
+    """A SecAgg+ stage (fedgov.crypto.secagg) when the run uses SecAgg+, else None.
+
+    All four stages are TRAIN messages; only ``collect_masked_vectors`` trains, with the
+    same ``_train_model`` as the plain path.
+    """
+    cfg = config if config is not None else Config.from_flat(context.run_config)
+    if cfg.secure.aggregation != "secagg+":
+        return None
+    from .crypto.secagg import is_secagg_message, secagg_train
+
+    if not is_secagg_message(message):
+        return None
+
+    def fit(arrays: list, round_config: dict[str, Any]) -> tuple[list, int, dict[str, float]]:
+        node = _Node(context, cfg)
+        model = node.model_from_arrays(arrays)
+        metrics = _train_model(model, node, context, round_config)
+        return [t.detach().cpu().numpy() for t in model.state_dict().values()], int(metrics["num-examples"]), metrics
+
+    return secagg_train(message, context, fit=fit, declined={kind: CODE_DECLINED for kind in _declines(cfg)},
+                        verify=cfg.secure.verify)
 
 
 def _handle_evaluate(message: Message, node: _Node) -> Message:
@@ -177,6 +230,8 @@ def build_client_app(config: Config | None = None) -> ClientApp:
 
     @client_app.train()
     def train_(message: Message, context: Context) -> Message:
+        if (reply := _handle_secagg(message, context, config)) is not None:
+            return reply
         return _handle_train(message, _Node(context, config), context)
 
     @client_app.evaluate()

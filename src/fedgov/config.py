@@ -270,14 +270,35 @@ def _cross_check(cfg: Config, where: str) -> None:
         raise ConfigError(f"{where}: privacy.dp: 'user' clips and noises individual updates at the aggregator, "
                           f"which secure.aggregation = {secure.aggregation!r} hides; use privacy.dp = 'sample'")
     if secure.aggregation == "he":
-        from .crypto.presets import PRESETS
+        from .crypto import PRESETS
 
         if secure.preset not in PRESETS:
             raise ConfigError(f"{where}: secure.preset: {secure.preset!r} is not one of {', '.join(PRESETS)}")
-    if secure.aggregation == "secagg+" and secure.secagg_threshold > secure.secagg_num_shares:
-        raise ConfigError(f"{where}: secure.secagg_threshold: must not exceed secure.secagg_num_shares")
+    if secure.aggregation == "secagg+":
+        _check_secagg(cfg, where)
     if cfg.model.name == "cnn" and data.dataset != "digits":
         raise ConfigError(f"{where}: model.name: 'cnn' needs image data (data.dataset = 'digits')")
+
+
+def _check_secagg(cfg: Config, where: str) -> None:
+    """What Flower's SecAggPlusWorkflow needs (it rejects or silently halts otherwise)."""
+    secure = cfg.secure
+    if secure.secagg_num_shares < 3:
+        raise ConfigError(f"{where}: secure.secagg_num_shares: Flower's SecAgg+ needs at least 3 shares")
+    if not 2 <= secure.secagg_threshold < secure.secagg_num_shares:
+        raise ConfigError(f"{where}: secure.secagg_threshold: must be at least 2 and below "
+                          f"secure.secagg_num_shares ({secure.secagg_num_shares})")
+    if cfg.data.partition != "natural":  # a natural partition's size is known only from the data
+        cohort = max(1, round(cfg.strategy.fraction_train * cfg.data.num_cooperatives))
+        if cohort < 2:
+            raise ConfigError(f"{where}: strategy.fraction_train: SecAgg+ needs at least 2 cooperatives per round, "
+                              f"this samples {cohort}")
+        if secure.secagg_threshold > cohort:
+            raise ConfigError(f"{where}: secure.secagg_threshold: {secure.secagg_threshold} shares cannot be "
+                              f"collected from a cohort of {cohort} cooperatives")
+        if cohort * secure.secagg_quantization_range >= 2**32:
+            raise ConfigError(f"{where}: secure.secagg_quantization_range: {cohort} cooperatives x "
+                              f"{secure.secagg_quantization_range} levels overflow SecAgg+'s modulus 2**32")
 
 
 # Strategies that must see every individual update; secure aggregation hides them.

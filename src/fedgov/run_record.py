@@ -114,11 +114,13 @@ class RunRecord:
                 "local_train_max": max(local_seconds, default=0.0),
                 "aggregate": log.seconds_aggregate,
                 "evaluate": log.seconds_evaluate,
+                **log.extra_phase_seconds,
             },
             "cooperative_accuracy": coop_acc,
             "client_train": {str(c): m for c, m in sorted(log.client_train.items())},
             **{f"{k}_cooperative_accuracy": v for k, v in fairness(list(coop_acc.values())).items()
                if k in ("worst", "std")},
+            **log.extra,
         }
         if self.central_dp is not None:
             row["epsilon"] = self.central_dp.epsilon_after(log.round)
@@ -153,7 +155,7 @@ class RunRecord:
                                  "epsilon": privacy.get("dp_epsilon"), "delta": privacy.get("dp_delta"),
                                  "noise_multiplier": privacy.get("dp_noise_multiplier")})
         accuracies = [c["accuracy"] for c in cooperatives if c["accuracy"] is not None]
-        return {
+        summary = {
             "run_id": self.run_dir.name,
             "config_hash": cfg.hash(),
             "seed": cfg.seed,
@@ -177,6 +179,11 @@ class RunRecord:
             "fairness": fairness(accuracies),
             "privacy": self._privacy_block(cooperatives),
         }
+        if cfg.secure.aggregation == "secagg+":
+            from .crypto.secagg import summary_block
+
+            summary["secure_aggregation"] = summary_block(cfg, self.rows, num_parameters=self.num_parameters)
+        return summary
 
     def _last_privacy(self, coop_id: int) -> dict[str, float]:
         for row in reversed(self.rows):

@@ -110,8 +110,20 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, *,
                 on_round(row)
         return MetricRecord({"accuracy": result.accuracy, "loss": result.loss})
 
-    recorder.start(grid, initial_arrays, num_rounds=cfg.train.rounds - done,
-                   evaluate_fn=central_evaluate)
+    if cfg.secure.aggregation == "secagg+":  # Flower's SecAgg+ lives on its legacy stack: fedgov.crypto.secagg
+        from .crypto.secagg import run_secagg_rounds
+
+        def global_metrics(arrays: ArrayRecord) -> tuple[float, float]:
+            model.load_state_dict(arrays.to_torch_state_dict())
+            result = evaluate(model, test.x, test.y, device=device)
+            return result.accuracy, result.loss
+
+        run_secagg_rounds(grid, cfg, initial_arrays=initial_arrays, node_to_cooperative=node_to_coop,
+                          sampler=recorder.sampler, record=record, evaluate_fn=global_metrics,
+                          round_offset=done, on_round=on_round)
+    else:
+        recorder.start(grid, initial_arrays, num_rounds=cfg.train.rounds - done,
+                       evaluate_fn=central_evaluate)
     record.finish(wall_seconds=time.perf_counter() - wall_start)
     return record
 

@@ -72,6 +72,9 @@ class RoundLog:
     seconds_train: float = 0.0
     seconds_aggregate: float = 0.0
     seconds_evaluate: float = 0.0
+    # Scheme-specific measurements (e.g. secure aggregation): more phases, more row keys.
+    extra_phase_seconds: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class RoundRecorder(Strategy):
