@@ -264,6 +264,19 @@ def test_resume_skips_runs_whose_summary_exists(tmp_path):
     assert "fedgov.simulate" in recorded["data.alpha=100.0"]["command"]  # carried over from the run that made it
 
 
+def test_a_run_from_before_a_config_key_was_added_still_counts(tmp_path):
+    exp = load_experiment(write_experiment(tmp_path, TINY))
+    out = tmp_path / "out"
+    jobs = ex.build_jobs(exp, out, seeds=exp.seeds)
+    run_dir = premade_run(jobs[0], accuracy=0.5)
+    text = (run_dir / "config.toml").read_text()
+    # An older fedgov wrote no [model] table; today's defaults fill it in, so it is the same config.
+    start = text.index("[model]")
+    (run_dir / "config.toml").write_text(text[:start] + text[text.index("[train]"):])
+    assert ex.find_completed(jobs[0].seed_dir, jobs[0].config.hash()) is not None
+    assert ex.find_completed(jobs[0].seed_dir, jobs[0].config.replace(**{"model.hidden": 8}).hash()) is None
+
+
 def test_interrupted_run_is_continued_from_its_checkpoint(tmp_path):
     exp = load_experiment(write_experiment(tmp_path, TINY))
     out = tmp_path / "out"
@@ -332,7 +345,8 @@ def test_summary_metrics_exist_in_a_real_summary(tmp_path):
 def test_end_to_end_tiny_experiment(tmp_path):
     path = write_experiment(tmp_path, TINY)
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "fedgov.experiment", str(path), "--out", str(out)]
+    # Two runs side by side, each with its own Ray: also covers --jobs, and halves the wait.
+    command = [sys.executable, "-m", "fedgov.experiment", str(path), "--out", str(out), "--jobs", "2"]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == str(out)

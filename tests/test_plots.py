@@ -26,10 +26,19 @@ def assert_png(path: Path, *, min_width: int = 800) -> None:
     assert width >= min_width and height > 300
 
 
+RUNS = """\
+point,data.alpha,seed,status,run_dir,final_accuracy,fairness.worst,seconds,error
+data.alpha=0.1,0.1,0,ok,points/a,0.78,0.35,30.1,
+data.alpha=0.1,0.1,1,done,points/b,0.82,0.45,,
+data.alpha=100.0,100.0,0,failed,,,,12.0,ValueError: boom
+"""
+
+
 def test_plot_experiment_from_hand_made_results(tmp_path):
     csv_path = tmp_path / "results.csv"
     csv_path.write_text(RESULTS)
-    out = plot_experiment(csv_path, SPEC, tmp_path / "figure.png")
+    (tmp_path / "runs.csv").write_text(RUNS)
+    out = plot_experiment(csv_path, SPEC, tmp_path / "figure.png", runs_csv=tmp_path / "runs.csv")
     assert out == tmp_path / "figure.png"
     assert_png(out)
     assert not list(tmp_path.glob(".*.tmp"))  # the temporary file was renamed into place

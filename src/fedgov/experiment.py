@@ -498,18 +498,25 @@ def _run_dirs(seed_dir: Path) -> list[Path]:
                   key=lambda p: p.name)
 
 
+def _same_config(run_dir: Path, config_hash: str) -> bool:
+    # Read the run's config.toml with today's Config rather than trusting the hash in summary.json:
+    # keys added to Config since (at their defaults) then still match, changed settings do not.
+    try:
+        return load_config(run_dir / "config.toml").hash() == config_hash
+    except ConfigError:
+        return False
+
+
 def find_completed(seed_dir: Path, config_hash: str) -> tuple[Path, dict[str, Any]] | None:
     """The newest run directory under ``seed_dir`` with a summary.json for this config."""
     for run_dir in reversed(_run_dirs(seed_dir)):
         path = run_dir / "summary.json"
-        if not path.is_file():
+        if not path.is_file() or not _same_config(run_dir, config_hash):
             continue
         try:
-            summary = read_json(path)
+            return run_dir, read_json(path)
         except (OSError, ValueError):
             continue
-        if summary.get("config_hash") == config_hash:
-            return run_dir, summary
     return None
 
 
@@ -518,11 +525,8 @@ def find_resumable(seed_dir: Path, config_hash: str) -> Path | None:
     for run_dir in reversed(_run_dirs(seed_dir)):
         if (run_dir / "summary.json").is_file() or not (run_dir / "checkpoint.npz").is_file():
             continue
-        try:
-            if load_config(run_dir / "config.toml").hash() == config_hash:
-                return run_dir
-        except ConfigError:
-            continue
+        if _same_config(run_dir, config_hash):
+            return run_dir
     return None
 
 
@@ -699,6 +703,26 @@ def _write_outputs(exp: Experiment, results: list[RunResult], out: Path, meta: d
         atomic_write_text(out / "results.csv", _csv_text(header, rows))
 
 
+def code_version() -> dict[str, Any]:
+    """Which fedgov code ran: a hash of its sources, and the git commit when it is a checkout."""
+    package = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes() + b"\0")
+    version: dict[str, Any] = {"source": str(package), "sources_sha256": digest.hexdigest()[:16],
+                               "git_commit": None, "git_dirty": None}
+    try:
+        def git(*args: str) -> str:
+            return subprocess.run(["git", "-C", str(package), *args], capture_output=True, text=True,
+                                  timeout=10, check=True).stdout.strip()
+
+        version["git_commit"] = git("rev-parse", "HEAD")
+        version["git_dirty"] = bool(git("status", "--porcelain", "--", "."))
+    except (OSError, subprocess.SubprocessError):
+        pass  # not a git checkout (an installed package, a copied tree)
+    return version
+
+
 def _earlier_runs(out: Path) -> dict[tuple[str, int, str], dict[str, Any]]:
     """The runs recorded by an earlier invocation into the same folder, by (point, seed, run dir)."""
     try:
@@ -727,6 +751,7 @@ def run_experiment(exp: Experiment, *, out: Path, seeds: Sequence[int] | None = 
         "experiment_toml": exp.text,
         "invocation": shlex.join(["python", "-m", "fedgov.experiment", *argv]),
         "python": sys.executable,
+        "code": code_version(),
         "base": str(exp.base_path),
         "base_config": exp.base.to_flat(),  # with the overrides; seed and runtime.out are set per run
         "overrides": exp.overrides,

@@ -181,8 +181,8 @@ def _run_title(run_dir: Path) -> str:
     cfg = tomllib.loads(config_path.read_text())
     data, strategy = cfg.get("data", {}), cfg.get("strategy", {})
     split = data.get("partition", "?")
-    if split == "dirichlet":
-        split += f" (alpha = {data.get('alpha', '?'):g})"
+    if split == "dirichlet" and isinstance(data.get("alpha"), (int, float)):
+        split += f" (alpha = {data['alpha']:g})"
     return (f"{data.get('dataset', '?')}, {data.get('num_cooperatives', '?')} cooperatives, {split}, "
             f"{strategy.get('name', '?')}, seed {cfg.get('seed', '?')}")
 
