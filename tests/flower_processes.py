@@ -57,9 +57,12 @@ def tail(path: Path, lines: int = 60) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via an HTTP proxy
+
+
 def _http_ok(url: str) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=1.0) as response:  # noqa: S310 (local URL)
+        with _DIRECT.open(url, timeout=1.0) as response:  # noqa: S310 (local URL)
             return 200 <= response.status < 300
     except (urllib.error.URLError, OSError):
         return False
@@ -216,7 +219,7 @@ class FlowerProcesses:
         """Stop everything started here and everything it spawned; return PIDs still alive."""
         everything = self.retired + self.started
         roots = [s.pid for s in everything]
-        targets = set(roots) | _descendants(roots) | _tagged(self.tag)
+        targets = {pid for pid in set(roots) | _descendants(roots) | _tagged(self.tag) if _alive(pid)}
         groups = set()
         for pid in targets:
             try:
@@ -224,26 +227,30 @@ class FlowerProcesses:
             except (ProcessLookupError, PermissionError):
                 pass
         groups = {g for g in groups if g > 1 and g != os.getpgrp()}
-        # SuperNodes before the SuperLink, Flower's helpers with their parents.
-        for started in reversed(everything):
+        # SIGTERM first: SuperNodes and SuperLink shut down their flower-superexec, and the
+        # ServerApp/ClientApp processes exit when their parent is gone.
+        for started in reversed(everything):  # SuperNodes before the SuperLink
             if started.process.poll() is None:
                 started.process.terminate()
         for pgid in groups:
             _signal_group(pgid, signal.SIGTERM)
+        for pid in targets:
+            _signal(pid, signal.SIGTERM)
         deadline = time.monotonic() + grace
         for started in everything:
             try:
                 started.process.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
-        targets |= _descendants(roots) | _tagged(self.tag)
-        while time.monotonic() < deadline and any(_alive(pid) for pid in targets):
+        while time.monotonic() < deadline and self.leftovers():
             time.sleep(0.2)
-        for pgid in groups:
-            _signal_group(pgid, signal.SIGKILL)
-        for pid in targets | _tagged(self.tag):
-            if _alive(pid):
-                _signal(pid, signal.SIGKILL)
+        # Whatever ignored SIGTERM: our own children through their Popen, Flower's helpers by
+        # PID only while they still carry the marker (a PID seen earlier may have been reused).
+        for started in everything:
+            if started.process.poll() is None:
+                started.process.kill()
+        for pid in self.leftovers():
+            _signal(pid, signal.SIGKILL)
         for started in everything:
             try:
                 started.process.wait(timeout=5)
@@ -254,4 +261,4 @@ class FlowerProcesses:
 
     def log_tails(self, lines: int = 60) -> str:
         return "\n".join(f"----- {s.name} (pid {s.pid}, exit {s.process.poll()}) {s.log} -----\n"
-                         f"{tail(s.log, lines)}" for s in self.started)
+                         f"{tail(s.log, lines)}" for s in self.retired + self.started)

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONNECTION = "fedgov-test"
 NUM_COOPERATIVES = 2
 ROUNDS = 2
-RUN_DEADLINE_S = 180.0  # from `flwr run` to summary.json; about 75 s on a 2-core CPU machine
+RUN_DEADLINE_S = 180.0  # from `flwr run` to summary.json; 75-105 s on a 2-core CPU machine
 # 2 IID cooperatives of the 8x8 digits reach ~0.89 global test accuracy after 2 rounds
 # (chance is 0.1); 0.5 leaves a wide margin and still fails if training did not happen.
 MIN_FINAL_ACCURACY = 0.5
@@ -61,6 +61,9 @@ def _environment(tmp_path: Path) -> dict[str, str]:
         # Flower launches flower-superexec, flwr-serverapp and flwr-clientapp by name.
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
     })
+    # Flower's HTTP clients honour HTTP(S)_PROXY; local traffic must not go through a proxy.
+    for name in ("NO_PROXY", "no_proxy"):
+        env[name] = ",".join(filter(None, [env.get(name, ""), "127.0.0.1,localhost"]))
     for folder in ("HOME", "FLWR_HOME"):
         Path(env[folder]).mkdir(parents=True, exist_ok=True)
     return env
