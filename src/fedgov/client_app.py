@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
@@ -157,7 +158,56 @@ def _handle_train(message: Message, node: _Node, context: Context) -> Message:
         metrics = _train_model(model, node, context, message.content["config"])
     except _declines(node.config) as exc:
         return Message(Error(code=CODE_DECLINED, reason=str(exc)), reply_to=message)
+    if node.config.secure.aggregation == "he":
+        return _encrypted_reply(message, node, model, metrics)
     content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)})
+    return Message(content=content, reply_to=message)
+
+
+def _he_context(cfg: Config):  # noqa: ANN202
+    """The cooperatives' HE context: the shared secret keys, or the custodian's public context."""
+    from .crypto import PublicContext, SecretKeys
+    from .crypto.keys import COOPERATIVE_CONTEXT, COOPERATIVE_KEYS
+
+    key_dir = Path(cfg.secure.key_dir)
+    if cfg.secure.key_holder == "clients":
+        return SecretKeys.from_bytes((key_dir / COOPERATIVE_KEYS).read_bytes())
+    return PublicContext.from_bytes((key_dir / COOPERATIVE_CONTEXT).read_bytes())
+
+
+def _encrypted_reply(message: Message, node: _Node, model: torch.nn.Module, metrics: dict[str, float]) -> Message:
+    """Encrypt the weighted update (new - received weights); the FedAvg weight is applied here."""
+    from .crypto import encrypt_update
+
+    received = [a.numpy() for a in message.content["arrays"].values()]
+    trained = [t.detach().cpu().numpy() for t in model.state_dict().values()]
+    delta = [(t - r).astype(np.float64) for t, r in zip(trained, received)]
+    cohort_examples = float(message.content["config"]["cohort-examples"])
+    weight = metrics["num-examples"] / cohort_examples
+    started = time.perf_counter()
+    update = encrypt_update(delta, context=_he_context(node.config), weight=weight, workers=1)
+    metrics = {**metrics, "seconds_encrypt": time.perf_counter() - started, "he_weight": weight}
+    if update.num_clipped is not None:  # compact (quantized) preset only
+        metrics["he_clipped"] = update.num_clipped
+    records = {"he-update": ArrayRecord({"ciphertext": Array(update.to_numpy())}),
+               "metrics": MetricRecord(metrics)}
+    if node.config.secure.verify:  # measurement only: lets the server compute the HE error
+        records["verify"] = ArrayRecord({str(i): Array(weight * d) for i, d in enumerate(delta)})
+    return Message(content=RecordDict(records), reply_to=message)
+
+
+def _handle_decrypt(message: Message, node: _Node) -> Message:
+    """A key-holding cooperative decrypts an aggregate (key holder 'clients'), never one update."""
+    from .crypto import EncryptedUpdate, decrypt_aggregate
+
+    started = time.perf_counter()
+    aggregate = EncryptedUpdate.from_bytes(message.content["he-aggregate"]["ciphertext"].numpy())
+    if aggregate.contributors < 2:
+        return Message(Error(code=CODE_DECLINED, reason="refusing to decrypt fewer than 2 updates"),
+                       reply_to=message)
+    arrays = decrypt_aggregate(aggregate, keys=_he_context(node.config))
+    content = RecordDict({"arrays": ArrayRecord({str(i): Array(a) for i, a in enumerate(arrays)}),
+                          "metrics": MetricRecord({"seconds_decrypt": time.perf_counter() - started})})
     return Message(content=content, reply_to=message)
 
 
@@ -226,6 +276,8 @@ def build_client_app(config: Config | None = None) -> ClientApp:
 
     @client_app.query()
     def query(message: Message, context: Context) -> Message:
+        if "he-aggregate" in message.content:
+            return _handle_decrypt(message, _Node(context, config))
         return _handle_query(message, _Node(context, config))
 
     @client_app.train()

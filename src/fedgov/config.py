@@ -130,6 +130,8 @@ class SecureConfig:
     preset: str = _spec("standard", doc="HE parameter preset (see docs/he_presets.md)")
     key_holder: str = _spec("clients", choices=("clients", "custodian"),
                             doc="who can decrypt aggregates: the cooperatives, or a separate oversight custodian")
+    key_dir: str = _spec("", doc="folder of provisioned HE keys (python -m fedgov.crypto.keys); "
+                              "simulate makes one in the run directory")
     verify: bool = _spec(False, doc="also aggregate in plaintext and record the max abs error of secure aggregation")
     secagg_num_shares: int = _spec(3, low=2, doc="SecAgg+: shares of each secret (neighbours per client)")
     secagg_threshold: int = _spec(2, low=1, doc="SecAgg+: shares needed to reconstruct a secret")
@@ -179,6 +181,7 @@ class Config:
         """Hash of everything that can change the metrics (not where they are written)."""
         payload = self.to_dict()
         payload["runtime"] = {k: v for k, v in payload["runtime"].items() if k == "device"}
+        payload["secure"] = {k: v for k, v in payload["secure"].items() if k != "key_dir"}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
     def replace(self, **dotted: Any) -> Config:

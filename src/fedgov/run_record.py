@@ -183,6 +183,14 @@ class RunRecord:
             from .crypto.secagg import summary_block
 
             summary["secure_aggregation"] = summary_block(cfg, self.rows, num_parameters=self.num_parameters)
+        elif cfg.secure.aggregation == "he":
+            he_rows = [r["he"] for r in self.rows if r.get("he", {}).get("bytes_per_param")]
+            errors = [h["max_abs_error"] for h in he_rows if "max_abs_error" in h]
+            summary["secure_aggregation"] = {
+                "scheme": "he", "preset": cfg.secure.preset, "key_holder": cfg.secure.key_holder,
+                "bytes_per_param": max((h["bytes_per_param"] for h in he_rows), default=None),
+                "max_abs_error": max(errors) if errors else None,
+            }
         return summary
 
     def _last_privacy(self, coop_id: int) -> dict[str, float]:

@@ -95,7 +95,19 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, *,
     if done >= cfg.train.rounds:
         return record
 
-    recorder = RoundRecorder(build_strategy(cfg), node_to_cooperative=node_to_coop,
+    strategy = build_strategy(cfg)
+    he = None
+    if cfg.secure.aggregation == "he":
+        from .strategies.secure_he import HESecureAggregation
+
+        key_dir = Path(cfg.secure.key_dir)
+        if not (key_dir / "aggregator.ctx").is_file():
+            raise FederationError(f"secure.key_dir: no provisioned HE keys in {key_dir!s} "
+                                  f"(python -m fedgov.crypto.keys DIR --preset {cfg.secure.preset})")
+        he = strategy = HESecureAggregation(
+            strategy, key_dir=key_dir, key_holder=cfg.secure.key_holder, node_to_cooperative=node_to_coop,
+            examples={c: s["num_train"] for c, s in coop_stats.items()}, verify=cfg.secure.verify)
+    recorder = RoundRecorder(strategy, node_to_cooperative=node_to_coop,
                              sampler=CohortSampler(seed=cfg.seed, fraction=cfg.strategy.fraction_train),
                              round_offset=done)
     test = federation.global_test
@@ -104,6 +116,8 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, *,
         model.load_state_dict(arrays.to_torch_state_dict())
         result = evaluate(model, test.x, test.y, device=device)
         if server_round > 0:  # Flower's round 0 is the starting model
+            if he is not None:
+                _note_he_round(recorder.current, he.last)
             row = record.add_round(recorder.current, accuracy=result.accuracy, loss=result.loss)
             record.save_checkpoint(arrays)
             if on_round is not None:
@@ -126,6 +140,17 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, *,
                        evaluate_fn=central_evaluate)
     record.finish(wall_seconds=time.perf_counter() - wall_start)
     return record
+
+
+def _note_he_round(log: Any, measured: dict[str, Any]) -> None:
+    """Put what the HE aggregator measured into the round log (phases, bytes, rejected updates)."""
+    log.failures.extend(measured.get("rejected", []))
+    log.extra_phase_seconds.update({
+        "encrypt_max": max((m.get("seconds_encrypt", 0.0) for m in log.client_train.values()), default=0.0),
+        "he_aggregate": measured.get("seconds_he_aggregate", 0.0),
+        "decrypt": measured.get("seconds_decrypt", 0.0),
+    })
+    log.extra["he"] = {k: v for k, v in measured.items() if k != "rejected"}
 
 
 def build_server_app(config: Config | None = None, run_dir: Path | None = None,

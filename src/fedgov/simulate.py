@@ -53,6 +53,10 @@ def simulate(cfg: Config, run_dir: Path, *, show_progress: bool = True, verbose:
 
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
+    if cfg.secure.aggregation == "he":  # out-of-band key distribution, before anyone starts
+        from .crypto.keys import provision
+
+        provision(cfg.secure.key_dir, preset=cfg.secure.preset, key_holder=cfg.secure.key_holder)
     with RoundProgress(total=cfg.train.rounds, enabled=show_progress) as progress:
         run_simulation(
             server_app=build_server_app(cfg, run_dir, on_round=progress.update),
@@ -106,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         build_federation(cfg.data, seed=cfg.seed)
         if args.resume is None:
             run_dir = new_run_dir(cfg.runtime.out, cfg.hash())
+            if cfg.secure.aggregation == "he" and not cfg.secure.key_dir:
+                cfg = cfg.replace(**{"secure.key_dir": str((run_dir / "keys").resolve())})
     except (ConfigError, DataError) as exc:
         _fail(str(exc), 2)
     try:

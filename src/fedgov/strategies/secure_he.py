@@ -1,0 +1,136 @@
+"""Homomorphic-encryption aggregation as a strategy wrapper.
+
+The wrapped Flower strategy (FedAvg or FedProx) still picks the messages; this
+wrapper tells each cooperative the cohort's total size, so that every
+cooperative weights its own update by ``n_k / n_cohort`` *before* encrypting it,
+sums the ciphertexts with a public context, and has a key holder decrypt only
+the sum:
+
+- key holder ``clients``: one participating cooperative decrypts (a QUERY
+  message), as NVIDIA FLARE's clients do;
+- key holder ``custodian``: a separate oversight party (``Custodian``) decrypts.
+
+The aggregator object never holds a secret key (``self.context.is_private()`` is
+False). What it cannot check: the weights. A cooperative that claims a larger
+``n_k`` simply gets more influence, and nobody sees it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+__all__ = ["HESecureAggregation", "Custodian"]
+
+
+class Custodian:
+    """An oversight key holder that decrypts aggregates of at least two updates, and nothing else."""
+
+    def __init__(self, key_dir: Path) -> None:
+        from ..crypto import SecretKeys
+        from ..crypto.keys import CUSTODIAN_KEYS
+
+        self._keys = SecretKeys.from_bytes((key_dir / CUSTODIAN_KEYS).read_bytes())
+
+    def decrypt(self, aggregate: Any) -> list[np.ndarray]:
+        from ..crypto import decrypt_aggregate
+
+        if aggregate.contributors < 2:
+            raise PermissionError("the custodian decrypts aggregates only, not single updates")
+        return decrypt_aggregate(aggregate, keys=self._keys)
+
+
+class HESecureAggregation(Strategy):
+    def __init__(self, inner: Strategy, *, key_dir: Path, key_holder: str, examples: dict[int, int],
+                 node_to_cooperative: dict[int, int], verify: bool) -> None:
+        from ..crypto import PublicContext
+        from ..crypto.keys import AGGREGATOR_CONTEXT
+
+        self.inner = inner
+        self.context = PublicContext.from_bytes((key_dir / AGGREGATOR_CONTEXT).read_bytes())
+        self.custodian = Custodian(key_dir) if key_holder == "custodian" else None
+        self.examples = examples
+        self.node_to_cooperative = node_to_cooperative
+        self.verify = verify
+        self._grid: Grid | None = None
+        self._current: list[np.ndarray] = []
+        self._keys: list[str] = []
+        self.last: dict[str, Any] = {}  # what the last round measured, for the round log
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self._grid = grid
+        self._keys = list(arrays.keys())
+        self._current = [a.numpy() for a in arrays.values()]
+        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        cohort = sum(self.examples[self.node_to_cooperative[m.metadata.dst_node_id]] for m in messages)
+        for message in messages:
+            message.content["config"]["cohort-examples"] = cohort
+        return messages
+
+    def _decrypt(self, aggregate: Any, participants: list[Message]) -> tuple[list[np.ndarray], float]:
+        started = time.perf_counter()
+        if self.custodian is not None:
+            return self.custodian.decrypt(aggregate), time.perf_counter() - started
+        assert self._grid is not None
+        holder = participants[0].metadata.src_node_id  # deterministic: replies are in cooperative order
+        request = Message(content=RecordDict({"he-aggregate": ArrayRecord({"ciphertext": Array(aggregate.to_numpy())})}),
+                          message_type=MessageType.QUERY, dst_node_id=holder)
+        (reply,) = list(self._grid.send_and_receive([request], timeout=600))
+        if reply.has_error():
+            raise RuntimeError(f"cooperative could not decrypt the aggregate: {reply.error.reason}")
+        arrays = [a.numpy() for a in reply.content["arrays"].values()]
+        return arrays, time.perf_counter() - started
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        from ..crypto import EncryptedUpdate, HEError, aggregate
+
+        accepted, updates, rejected = [], [], []
+        for reply in replies:
+            if reply.has_error():
+                continue
+            try:
+                updates.append(EncryptedUpdate.from_bytes(reply.content["he-update"]["ciphertext"].numpy()))
+                accepted.append(reply)
+            except (HEError, KeyError) as exc:  # malformed ciphertext: reject, record, go on
+                rejected.append({"cooperative": self.node_to_cooperative.get(reply.metadata.src_node_id, -1),
+                                 "reason": f"rejected HE update: {exc}"})
+        self.last = {"rejected": rejected}
+        if not updates:
+            return None, None
+        started = time.perf_counter()
+        summed = aggregate(updates, context=self.context)
+        seconds_aggregate = time.perf_counter() - started
+        average_delta, seconds_decrypt = self._decrypt(summed, accepted)
+        new = [(c + d).astype(c.dtype) for c, d in zip(self._current, average_delta)]
+        num_params = sum(c.size for c in self._current)
+        self.last.update({
+            "seconds_he_aggregate": seconds_aggregate,
+            "seconds_decrypt": seconds_decrypt,
+            "bytes_per_param": float(np.mean([u.num_bytes for u in updates])) / num_params,
+        })
+        if self.verify:
+            total = sum(float(r.content["metrics"]["he_weight"]) for r in accepted)
+            plain = [sum(r.content["verify"][str(i)].numpy() for r in accepted) / total
+                     for i in range(len(self._current))]
+            self.last["max_abs_error"] = float(max(np.abs(p - d).max() for p, d in zip(plain, average_delta)))
+        arrays = ArrayRecord({k: Array(a) for k, a in zip(self._keys, new)})
+        return arrays, None
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(server_round, replies)
