@@ -19,6 +19,12 @@ def run_simulate(*args: str, timeout: float = 300) -> subprocess.CompletedProces
                           capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
+def run_dir_of(proc: subprocess.CompletedProcess) -> Path:
+    """The run directory a successful ``fedgov.simulate`` printed as its last line."""
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
 @pytest.fixture
 def simulate():
     return run_simulate

@@ -2,27 +2,20 @@
 
 import json
 import math
-import shutil
-from pathlib import Path
 
 import pytest
 
-from conftest import run_simulate
+from conftest import run_dir_of, run_simulate
 from fedgov.config import load_config
 from fedgov.results import read_json, read_jsonl
 
 SMALL = ["--set", "data.num_cooperatives=4", "--set", "train.rounds=3", "--set", "data.partition=iid"]
 
 
-def _run_dir(proc) -> Path:
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return Path(proc.stdout.strip().splitlines()[-1])
-
-
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
-    return _run_dir(run_simulate(*SMALL, "--out", str(out)))
+    return run_dir_of(run_simulate(*SMALL, "--out", str(out)))
 
 
 def test_run_directory_holds_what_the_docs_promise(small_run):
@@ -56,21 +49,21 @@ def test_run_directory_holds_what_the_docs_promise(small_run):
 
 
 def test_same_seed_same_accuracy_sequence(small_run, tmp_path):
-    again = _run_dir(run_simulate("--config", str(small_run / "config.toml"), "--out", str(tmp_path)))
+    again = run_dir_of(run_simulate("--config", str(small_run / "config.toml"), "--out", str(tmp_path)))
     first = [r["accuracy"] for r in read_jsonl(small_run / "metrics.jsonl")]
     second = [r["accuracy"] for r in read_jsonl(again / "metrics.jsonl")]
     assert first == second
-    other_seed = _run_dir(run_simulate(*SMALL, "--set", "seed=1", "--out", str(tmp_path)))
+    other_seed = run_dir_of(run_simulate(*SMALL, "--set", "seed=1", "--out", str(tmp_path)))
     assert [r["accuracy"] for r in read_jsonl(other_seed / "metrics.jsonl")] != first
 
 
 def test_resume_continues_exactly_where_the_run_stopped(small_run, tmp_path):
     # A run that stopped after round 2 of 3: its checkpoint and first two metric rows.
-    partial = _run_dir(run_simulate(*SMALL, "--set", "train.rounds=2", "--out", str(tmp_path)))
+    partial = run_dir_of(run_simulate(*SMALL, "--set", "train.rounds=2", "--out", str(tmp_path)))
     config = (partial / "config.toml").read_text().replace("rounds = 2", "rounds = 3")
     (partial / "config.toml").write_text(config)
     (partial / "summary.json").unlink()
-    resumed = _run_dir(run_simulate("--resume", str(partial)))
+    resumed = run_dir_of(run_simulate("--resume", str(partial)))
     assert resumed == partial
     expected = [r["accuracy"] for r in read_jsonl(small_run / "metrics.jsonl")]
     assert [r["accuracy"] for r in read_jsonl(partial / "metrics.jsonl")] == expected
@@ -85,18 +78,18 @@ def test_resume_of_a_non_run_directory_is_a_clear_error(tmp_path):
 
 def test_sampling_fraction_is_seeded_and_respected(tmp_path):
     args = [*SMALL, "--set", "strategy.fraction_train=0.5", "--set", "strategy.name=fedprox"]
-    first = _run_dir(run_simulate(*args, "--out", str(tmp_path / "a")))
+    first = run_dir_of(run_simulate(*args, "--out", str(tmp_path / "a")))
     rows = read_jsonl(first / "metrics.jsonl")
     assert all(r["participants"] == 2 and len(r["sampled"]) == 2 for r in rows)
     assert len({tuple(r["sampled"]) for r in rows}) > 1  # different cohorts in different rounds
-    second = _run_dir(run_simulate(*args, "--out", str(tmp_path / "b")))
+    second = run_dir_of(run_simulate(*args, "--out", str(tmp_path / "b")))
     assert [r["sampled"] for r in read_jsonl(second / "metrics.jsonl")] == [r["sampled"] for r in rows]
 
 
 @pytest.mark.slow
 def test_default_run_reaches_the_documented_accuracy(tmp_path):
     """The README's headline: the default config reaches >= 0.90 on digits."""
-    run_dir = _run_dir(run_simulate("--out", str(tmp_path)))
+    run_dir = run_dir_of(run_simulate("--out", str(tmp_path)))
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rounds"] == 20
     assert summary["final_accuracy"] >= 0.90

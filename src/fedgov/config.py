@@ -293,15 +293,22 @@ def _check_secagg(cfg: Config, where: str) -> None:
                           f"secure.secagg_num_shares ({secure.secagg_num_shares})")
     if cfg.data.partition != "natural":  # a natural partition's size is known only from the data
         cohort = max(1, round(cfg.strategy.fraction_train * cfg.data.num_cooperatives))
-        if cohort < 2:
-            raise ConfigError(f"{where}: strategy.fraction_train: SecAgg+ needs at least 2 cooperatives per round, "
-                              f"this samples {cohort}")
-        if secure.secagg_threshold > cohort:
-            raise ConfigError(f"{where}: secure.secagg_threshold: {secure.secagg_threshold} shares cannot be "
-                              f"collected from a cohort of {cohort} cooperatives")
-        if cohort * secure.secagg_quantization_range >= 2**32:
-            raise ConfigError(f"{where}: secure.secagg_quantization_range: {cohort} cooperatives x "
-                              f"{secure.secagg_quantization_range} levels overflow SecAgg+'s modulus 2**32")
+        problem = secagg_cohort_problem(secure, cohort)
+        if problem:
+            raise ConfigError(f"{where}: {problem}")
+
+
+def secagg_cohort_problem(secure: SecureConfig, cohort: int) -> str | None:
+    """Why SecAgg+ cannot run with cohorts of ``cohort`` cooperatives (None if it can)."""
+    if cohort < 2:
+        return f"strategy.fraction_train: SecAgg+ needs at least 2 cooperatives per round, this samples {cohort}"
+    if secure.secagg_threshold > cohort:
+        return (f"secure.secagg_threshold: {secure.secagg_threshold} shares cannot be collected from a cohort "
+                f"of {cohort} cooperatives")
+    if cohort * secure.secagg_quantization_range >= 2**32:
+        return (f"secure.secagg_quantization_range: {cohort} cooperatives x {secure.secagg_quantization_range} "
+                f"levels overflow SecAgg+'s modulus 2**32")
+    return None
 
 
 # Strategies that must see every individual update; secure aggregation hides them.

@@ -1,21 +1,15 @@
 """HE aggregation inside the federation: same model as plaintext FedAvg, aggregator without secrets."""
 
-from pathlib import Path
 
 import pytest
 
-from conftest import run_simulate
+from conftest import run_dir_of, run_simulate
 from fedgov.crypto import SecretKeys, decrypt_aggregate, encrypt_update, generate_keys
 from fedgov.crypto.keys import COOPERATIVE_KEYS, provision
 from fedgov.results import read_json, read_jsonl
 from fedgov.strategies.secure_he import HESecureAggregation
 
 SMALL = ["--set", "data.num_cooperatives=4", "--set", "data.partition=iid", "--set", "train.rounds=3"]
-
-
-def _run_dir(proc) -> Path:
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return Path(proc.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("key_holder", ["clients", "custodian"])
@@ -38,8 +32,8 @@ def test_the_aggregator_holds_only_a_public_context(tmp_path, key_holder):
 
 @pytest.mark.slow
 def test_he_run_reaches_the_plaintext_accuracy(tmp_path):
-    plain = _run_dir(run_simulate(*SMALL, "--out", str(tmp_path / "plain")))
-    he = _run_dir(run_simulate(*SMALL, "--set", "secure.aggregation=he", "--set", "secure.verify=true",
+    plain = run_dir_of(run_simulate(*SMALL, "--out", str(tmp_path / "plain")))
+    he = run_dir_of(run_simulate(*SMALL, "--set", "secure.aggregation=he", "--set", "secure.verify=true",
                                "--out", str(tmp_path / "he")))
     plain_summary, he_summary = read_json(plain / "summary.json"), read_json(he / "summary.json")
     assert abs(he_summary["final_accuracy"] - plain_summary["final_accuracy"]) <= 0.005

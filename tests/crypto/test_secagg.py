@@ -18,7 +18,6 @@ import copy
 import math
 import shutil
 import uuid
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -26,7 +25,7 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from conftest import run_simulate
+from conftest import run_dir_of, run_simulate
 from fedgov.client_app import build_client_app
 from fedgov.config import Config, ConfigError
 from fedgov.crypto.secagg import STAGES, VERIFY_RECORD, is_secagg_message
@@ -239,15 +238,10 @@ SMALL = ["--set", "data.num_cooperatives=4", "--set", "data.partition=iid", "--s
          "--set", "secure.aggregation=secagg+"]
 
 
-def _run_dir(proc) -> Path:
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return Path(proc.stdout.strip().splitlines()[-1])
-
-
 @pytest.fixture(scope="module")
 def secagg_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("secagg")
-    yield _run_dir(run_simulate(*SMALL, "--out", str(out)))
+    yield run_dir_of(run_simulate(*SMALL, "--out", str(out)))
     shutil.rmtree(out, ignore_errors=True)
 
 
@@ -272,7 +266,7 @@ def test_simulated_secagg_run(secagg_run):
 
 @pytest.mark.slow
 def test_simulated_secagg_verify_reports_quantization_error(secagg_run, tmp_path):
-    run = _run_dir(run_simulate(*SMALL, "--set", "secure.verify=true", "--out", str(tmp_path)))
+    run = run_dir_of(run_simulate(*SMALL, "--set", "secure.verify=true", "--out", str(tmp_path)))
     rows = read_jsonl(run / "metrics.jsonl")
     secure = read_json(run / "summary.json")["secure_aggregation"]
     assert 0 < secure["max_abs_error"] < quantization_bound(4)
@@ -287,7 +281,7 @@ def test_simulated_secagg_verify_reports_quantization_error(secagg_run, tmp_path
 def test_simulated_secagg_with_dp_sgd_reports_epsilon(tmp_path):
     # Cooperatives of different sizes spend the budget at different rates: some sit rounds out,
     # which SecAgg+ handles as dropouts.
-    run = _run_dir(run_simulate("--set", "secure.aggregation=secagg+", "--set", "data.num_cooperatives=5",
+    run = run_dir_of(run_simulate("--set", "secure.aggregation=secagg+", "--set", "data.num_cooperatives=5",
                                 "--set", "data.alpha=1.0", "--set", "train.rounds=2", "--set", "privacy.dp=sample",
                                 "--set", "privacy.noise_multiplier=1.0", "--set", "privacy.target_epsilon=2.5",
                                 "--out", str(tmp_path)))

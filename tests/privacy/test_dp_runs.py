@@ -1,24 +1,18 @@
 """DP in whole federations: the reported epsilon is Opacus's, cumulative, and within budget."""
 
-from pathlib import Path
 
 import pytest
 
-from conftest import run_simulate
+from conftest import run_dir_of, run_simulate
 from fedgov.privacy import RoundSpend, epsilon_of
 from fedgov.results import read_json, read_jsonl
 
 SMALL = ["--set", "data.num_cooperatives=4", "--set", "data.partition=iid"]
 
 
-def _run_dir(proc) -> Path:
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return Path(proc.stdout.strip().splitlines()[-1])
-
-
 @pytest.mark.slow
 def test_sample_level_dp_stays_within_target_and_matches_opacus(tmp_path):
-    run = _run_dir(run_simulate(*SMALL, "--set", "train.rounds=4", "--set", "privacy.dp=sample",
+    run = run_dir_of(run_simulate(*SMALL, "--set", "train.rounds=4", "--set", "privacy.dp=sample",
                                 "--set", "privacy.target_epsilon=3", "--out", str(tmp_path)))
     rows = read_jsonl(run / "metrics.jsonl")
     summary = read_json(run / "summary.json")
@@ -40,7 +34,7 @@ def test_sample_level_dp_stays_within_target_and_matches_opacus(tmp_path):
 
 @pytest.mark.slow
 def test_spent_budget_stops_a_cooperative(tmp_path):
-    run = _run_dir(run_simulate(*SMALL, "--set", "train.rounds=4", "--set", "privacy.dp=sample",
+    run = run_dir_of(run_simulate(*SMALL, "--set", "train.rounds=4", "--set", "privacy.dp=sample",
                                 "--set", "privacy.noise_multiplier=1.0", "--set", "privacy.target_epsilon=2.5",
                                 "--out", str(tmp_path)))
     rows = read_jsonl(run / "metrics.jsonl")
@@ -54,7 +48,7 @@ def test_spent_budget_stops_a_cooperative(tmp_path):
 
 @pytest.mark.slow
 def test_user_level_dp_reports_rdp_epsilon_per_round(tmp_path):
-    run = _run_dir(run_simulate(*SMALL, "--set", "train.rounds=3", "--set", "privacy.dp=user",
+    run = run_dir_of(run_simulate(*SMALL, "--set", "train.rounds=3", "--set", "privacy.dp=user",
                                 "--set", "privacy.target_epsilon=8", "--set", "privacy.clipping_side=client",
                                 "--out", str(tmp_path)))
     rows = read_jsonl(run / "metrics.jsonl")

@@ -116,6 +116,8 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 
+from ..config import secagg_cohort_problem
+
 if TYPE_CHECKING:
     from flwr.serverapp import Grid
 
@@ -480,15 +482,10 @@ def run_secagg_rounds(grid: Grid, cfg: Config, *, initial_arrays: ArrayRecord, n
     if num_rounds <= 0:
         return initial_arrays
     cohort = max(1, round(sampler.fraction * len(node_to_cooperative)))
-    if cohort < 2:
-        raise RuntimeError(f"secure.aggregation = 'secagg+' needs at least 2 cooperatives per round, got {cohort} "
-                           f"(raise strategy.fraction_train or data.num_cooperatives)")
-    if s.secagg_threshold > cohort:
-        raise RuntimeError(f"secure.secagg_threshold: {s.secagg_threshold} shares cannot be collected from a "
-                           f"cohort of {cohort} cooperatives")
-    if cohort * s.secagg_quantization_range >= MODULUS_RANGE:
-        raise RuntimeError(f"secure.secagg_quantization_range: {cohort} cooperatives x {s.secagg_quantization_range} "
-                           f"levels overflow SecAgg+'s modulus 2**32; lower it")
+    # The config checks this already, except for natural partitions, whose size only the data knows.
+    problem = secagg_cohort_problem(s, cohort)
+    if problem:
+        raise RuntimeError(problem)
     names = list(initial_arrays.keys())
     templates = [initial_arrays[name].numpy() for name in names]
     num_train = {int(c): int(stats["num_train"]) for c, stats in record.cooperatives.items()}
