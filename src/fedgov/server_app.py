@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from logging import INFO
 from pathlib import Path
 from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from .config import Config
@@ -36,7 +38,11 @@ class FederationError(RuntimeError):
 
 def _wait_for_nodes(grid: Grid, expected: int, timeout: float) -> list[int]:
     deadline = time.monotonic() + timeout
+    last_report = 0.0
     while len(nodes := sorted(grid.get_node_ids())) < expected:
+        if time.monotonic() - last_report > 10:  # a silent wait looks like a hang (e.g. too few SuperNodes)
+            log(INFO, "fedgov: %d of %d cooperatives connected; waiting", len(nodes), expected)
+            last_report = time.monotonic()
         if time.monotonic() > deadline:
             raise FederationError(f"only {len(nodes)} of {expected} cooperatives connected within "
                                   f"{timeout:.0f} s (data.num_cooperatives = {expected})")
