@@ -104,10 +104,11 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, *,
     strategy = build_strategy(cfg)
     he = None
     if cfg.secure.aggregation == "he":
+        from .crypto.keys import AGGREGATOR_CONTEXT
         from .strategies.secure_he import HESecureAggregation
 
         key_dir = Path(cfg.secure.key_dir)
-        if not (key_dir / "aggregator.ctx").is_file():
+        if not (key_dir / AGGREGATOR_CONTEXT).is_file():
             raise FederationError(f"secure.key_dir: no provisioned HE keys in {key_dir!s} "
                                   f"(python -m fedgov.crypto.keys DIR --preset {cfg.secure.preset})")
         he = strategy = HESecureAggregation(
