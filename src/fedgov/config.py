@@ -292,10 +292,15 @@ def _check_secagg(cfg: Config, where: str) -> None:
         raise ConfigError(f"{where}: secure.secagg_threshold: must be at least 2 and below "
                           f"secure.secagg_num_shares ({secure.secagg_num_shares})")
     if cfg.data.partition != "natural":  # a natural partition's size is known only from the data
-        cohort = max(1, round(cfg.strategy.fraction_train * cfg.data.num_cooperatives))
+        cohort = cohort_size(cfg.strategy.fraction_train, cfg.data.num_cooperatives)
         problem = secagg_cohort_problem(secure, cohort)
         if problem:
             raise ConfigError(f"{where}: {problem}")
+
+
+def cohort_size(fraction: float, population: int) -> int:
+    """How many cooperatives are sampled each round: the one rule every part of fedgov uses."""
+    return max(1, round(fraction * population))
 
 
 def secagg_cohort_problem(secure: SecureConfig, cohort: int) -> str | None:

@@ -119,25 +119,25 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, *,
                              round_offset=done)
     test = federation.global_test
 
-    def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    def global_metrics(arrays: ArrayRecord) -> tuple[float, float]:
+        """Accuracy and loss of a global model on the server-held global test set."""
         model.load_state_dict(arrays.to_torch_state_dict())
         result = evaluate(model, test.x, test.y, device=device)
+        return result.accuracy, result.loss
+
+    def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        accuracy, loss = global_metrics(arrays)
         if server_round > 0:  # Flower's round 0 is the starting model
             if he is not None:
                 _note_he_round(recorder.current, he.last)
-            row = record.add_round(recorder.current, accuracy=result.accuracy, loss=result.loss)
+            row = record.add_round(recorder.current, accuracy=accuracy, loss=loss)
             record.save_checkpoint(arrays)
             if on_round is not None:
                 on_round(row)
-        return MetricRecord({"accuracy": result.accuracy, "loss": result.loss})
+        return MetricRecord({"accuracy": accuracy, "loss": loss})
 
     if cfg.secure.aggregation == "secagg+":  # Flower's SecAgg+ lives on its legacy stack: fedgov.crypto.secagg
         from .crypto.secagg import run_secagg_rounds
-
-        def global_metrics(arrays: ArrayRecord) -> tuple[float, float]:
-            model.load_state_dict(arrays.to_torch_state_dict())
-            result = evaluate(model, test.x, test.y, device=device)
-            return result.accuracy, result.loss
 
         run_secagg_rounds(grid, cfg, initial_arrays=initial_arrays, node_to_cooperative=node_to_coop,
                           sampler=recorder.sampler, record=record, evaluate_fn=global_metrics,

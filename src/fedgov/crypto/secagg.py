@@ -116,7 +116,7 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 
-from ..config import secagg_cohort_problem
+from ..config import cohort_size, secagg_cohort_problem
 
 if TYPE_CHECKING:
     from flwr.serverapp import Grid
@@ -481,7 +481,7 @@ def run_secagg_rounds(grid: Grid, cfg: Config, *, initial_arrays: ArrayRecord, n
     num_rounds = cfg.train.rounds - round_offset
     if num_rounds <= 0:
         return initial_arrays
-    cohort = max(1, round(sampler.fraction * len(node_to_cooperative)))
+    cohort = cohort_size(sampler.fraction, len(node_to_cooperative))
     # The config checks this already, except for natural partitions, whose size only the data knows.
     problem = secagg_cohort_problem(s, cohort)
     if problem:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from flwr.serverapp import strategy as flwr_strategy
 
 from ..config import ROBUST_STRATEGIES, Config
+from ..config import cohort_size as cohort_of
 from .recorder import CohortSampler, RoundRecorder
 
 __all__ = ["STRATEGIES", "ROBUST_STRATEGIES", "build_strategy", "cohort_size", "RoundRecorder", "CohortSampler"]
@@ -24,6 +25,7 @@ def _common(cfg: Config) -> dict:
         return {**_TAKE_ALL, "weighted_by_key": UNIT_WEIGHT_KEY}
     return dict(_TAKE_ALL)
 
+
 STRATEGIES: dict[str, Callable[[Config], flwr_strategy.Strategy]] = {
     "fedavg": lambda cfg: flwr_strategy.FedAvg(**_common(cfg)),
     "fedprox": lambda cfg: flwr_strategy.FedProx(proximal_mu=cfg.strategy.proximal_mu, **_common(cfg)),
@@ -39,10 +41,9 @@ STRATEGIES: dict[str, Callable[[Config], flwr_strategy.Strategy]] = {
 }
 
 
-
 def cohort_size(cfg: Config) -> int:
     """How many cooperatives train each round (the CohortSampler's rule)."""
-    return max(1, round(cfg.strategy.fraction_train * cfg.data.num_cooperatives))
+    return cohort_of(cfg.strategy.fraction_train, cfg.data.num_cooperatives)
 
 
 def build_strategy(cfg: Config) -> flwr_strategy.Strategy:

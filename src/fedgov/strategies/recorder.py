@@ -19,6 +19,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from ..config import cohort_size
+
 __all__ = ["CohortSampler", "RoundRecorder", "RoundLog"]
 
 
@@ -31,7 +33,7 @@ class CohortSampler:
 
     def sample(self, server_round: int, cooperative_ids: Iterable[int]) -> list[int]:
         ids = sorted(cooperative_ids)
-        size = max(1, round(self.fraction * len(ids)))
+        size = cohort_size(self.fraction, len(ids))
         if size >= len(ids):
             return ids
         rng = np.random.default_rng([self.seed, server_round])
