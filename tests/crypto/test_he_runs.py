@@ -30,9 +30,14 @@ def test_the_aggregator_holds_only_a_public_context(tmp_path, key_holder):
         assert not getattr(value, "is_private", lambda: False)()
 
 
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    """The unprotected run both HE runs are compared with."""
+    return run_dir_of(run_simulate(*SMALL, "--out", str(tmp_path_factory.mktemp("plain"))))
+
+
 @pytest.mark.slow
-def test_he_run_reaches_the_plaintext_accuracy(tmp_path):
-    plain = run_dir_of(run_simulate(*SMALL, "--out", str(tmp_path / "plain")))
+def test_he_run_reaches_the_plaintext_accuracy(tmp_path, plain):
     he = run_dir_of(run_simulate(*SMALL, "--set", "secure.aggregation=he", "--set", "secure.verify=true",
                                "--out", str(tmp_path / "he")))
     plain_summary, he_summary = read_json(plain / "summary.json"), read_json(he / "summary.json")
@@ -40,8 +45,20 @@ def test_he_run_reaches_the_plaintext_accuracy(tmp_path):
     block = he_summary["secure_aggregation"]
     assert block["scheme"] == "he" and block["preset"] == "standard"
     assert block["max_abs_error"] <= 1e-6
+    assert block["bytes_per_param"] <= 34.0
     assert he_summary["bytes_up"] > plain_summary["bytes_up"]
     rows = read_jsonl(he / "metrics.jsonl")
     assert all(r["participants"] == 4 and not r["failures"] for r in rows)
     assert all(r["phase_seconds"]["encrypt_max"] > 0 and r["phase_seconds"]["decrypt"] > 0 for r in rows)
     assert "keys" in {p.name for p in he.iterdir()}
+
+
+@pytest.mark.slow
+def test_compact_run_stays_close_to_the_plaintext_accuracy(tmp_path, plain):
+    compact = run_dir_of(run_simulate(*SMALL, "--set", "secure.aggregation=he", "--set", "secure.preset=compact",
+                                    "--set", "secure.verify=true", "--out", str(tmp_path / "compact")))
+    plain_summary, compact_summary = read_json(plain / "summary.json"), read_json(compact / "summary.json")
+    assert abs(compact_summary["final_accuracy"] - plain_summary["final_accuracy"]) <= 0.01
+    block = compact_summary["secure_aggregation"]
+    assert block["preset"] == "compact" and block["bytes_per_param"] <= 12.0
+    assert 0 < block["max_abs_error"] <= 1.6e-4  # quantization: measured, never zero
