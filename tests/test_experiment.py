@@ -134,6 +134,77 @@ def test_bare_dotted_keys_and_seed_count(tmp_path):
     assert exp.points[1].id == "data.alpha=0.5__strategy.name=fedprox"
 
 
+VARIANTS = TINY.replace("""[experiment.grid]
+"data.alpha" = [0.5, 100]
+
+[experiment.plot]
+x = "data.alpha"
+xscale = "log"
+""", """[experiment.variants]
+none = {}
+"dp-eps3" = { "privacy.dp" = "sample", "privacy.target_epsilon" = 3 }
+he = { secure.aggregation = "he" }
+
+[experiment.plot]
+y = ["final_accuracy"]
+""")
+
+
+def test_named_variants_are_one_axis_in_file_order(tmp_path):
+    exp = load_experiment(write_experiment(tmp_path, VARIANTS))
+    assert exp.grid == {} and list(exp.variants) == ["none", "dp-eps3", "he"]
+    assert exp.axes == {"variant": ["none", "dp-eps3", "he"]}
+    assert [p.id for p in exp.points] == ["variant=none", "variant=dp-eps3", "variant=he"]
+    configs = [exp.config_for(p) for p in exp.points]
+    assert [(c.privacy.dp, c.privacy.target_epsilon, c.secure.aggregation) for c in configs] == [
+        ("off", 0.0, "off"), ("sample", 3.0, "off"), ("off", 0.0, "he")]
+    assert all(c.train.rounds == 2 for c in configs)  # the overrides still apply
+    assert exp.plot["x"] == "variant"
+
+
+def test_variants_times_grid_and_their_runs(tmp_path):
+    body = VARIANTS.replace("[experiment.variants]", '[experiment.grid]\n"data.alpha" = [0.5, 100]\n\n'
+                                                     "[experiment.variants]")
+    body = body.replace('y = ["final_accuracy"]', 'x = "data.alpha"\nseries = "variant"')
+    exp = load_experiment(write_experiment(tmp_path, body))
+    assert len(exp.points) == 6 and exp.points[1].values == {"variant": "none", "data.alpha": 100.0}
+    out = tmp_path / "out"
+    fake = FakeSimulate()
+    run_experiment(exp, out=out, runner=fake)
+    rows = read_csv(out / "results.csv")
+    assert [(r["variant"], r["data.alpha"]) for r in rows][:3] == [("none", "0.5"), ("none", "100.0"),
+                                                                   ("dp-eps3", "0.5")]
+    ran = [ex.load_config(Path(c[c.index("--config") + 1])) for c in fake.commands]
+    assert sorted((c.privacy.dp, c.secure.aggregation) for c in ran) == sorted(
+        [("off", "off")] * 2 + [("sample", "off")] * 2 + [("off", "he")] * 2)
+    assert json.loads((out / "experiment.json").read_text())["variants"]["he"] == {"secure.aggregation": "he"}
+    assert (out / "figure.png").is_file()
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (("none = {}", 'none = { "privacy.dp" = "maybe" }'), "experiment.variants.none: privacy.dp"),
+    (("none = {}", 'none = { "seed" = 3 }'), "experiment.variants.none.seed: set by the experiment"),
+    (("none = {}", '"no ne" = {}'), "a variant name must be"),
+    (("none = {}", 'none = {}\nbad = { "strategy.name" = "median", "secure.aggregation" = "he" }'),
+     "experiment.variants.bad"),
+    (('y = ["final_accuracy"]', 'y = ["final_accuracy"]\nylog = ["bytes_per_round"]'), "experiment.plot.ylog"),
+])
+def test_variant_errors_name_the_variant(tmp_path, edit, fragment):
+    old, new = edit
+    assert old in VARIANTS
+    path = write_experiment(tmp_path, VARIANTS.replace(old, new))
+    with pytest.raises(ExperimentError) as info:
+        load_experiment(path)
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_key_in_both_grid_and_a_variant_is_refused(tmp_path):
+    body = VARIANTS.replace("[experiment.variants]", '[experiment.grid]\n"secure.aggregation" = ["off", "he"]\n\n'
+                                                     "[experiment.variants]")
+    with pytest.raises(ExperimentError, match="secure.aggregation: also set by variant 'he'"):
+        load_experiment(write_experiment(tmp_path, body))
+
+
 @pytest.mark.parametrize("edit, fragment", [
     (('"data.alpha" = [0.5, 100]', '"data.alpah" = [0.5]'), "experiment.grid: data.alpah: unknown key"),
     (('"data.alpha" = [0.5, 100]', '"data.alpha" = [0.5, 0]'), "data.alpha: 0"),

@@ -15,11 +15,20 @@ An experiment file holds one ``[experiment]`` table::
     [experiment.grid]                 # dotted config keys -> lists; runs their cartesian product
     "data.alpha" = [0.1, 0.5, 1.0, 100.0]
 
+    [experiment.variants]             # optional named override sets, in order (an axis "variant")
+    none = {}
+    "dp-eps3" = { "privacy.dp" = "sample", "privacy.target_epsilon" = 3.0 }
+    he = { "secure.aggregation" = "he" }
+
+With variants the grid is optional; with both, every variant runs at every grid
+point. A variant and the grid may not set the same key.
+
     [experiment.plot]                 # optional
     x = "data.alpha"                  # a grid key (default: the first)
     series = "strategy.name"          # optional grid key: one line per value
     y = ["final_accuracy"]            # metrics to draw, one panel each (default: all)
     xscale = "log"                    # or "linear"
+    ylog = ["bytes_per_round"]        # panels drawn with a log y axis
     title = "..."
     labels = { "data.alpha" = "Dirichlet alpha" }   # display names for keys and metrics
 
@@ -78,8 +87,17 @@ __all__ = [
 # Numeric paths of summary.json that can be aggregated (tests check they exist in a real summary).
 SUMMARY_METRICS = (
     "final_accuracy", "final_loss", "rounds", "wall_seconds", "bytes_up", "bytes_down",
+    "seconds_per_round", "bytes_per_round",
     "fairness.worst", "fairness.mean", "fairness.best", "fairness.std", "model.num_parameters",
 )
+# Present only in runs that use the mechanism (empty cells elsewhere).
+MECHANISM_METRICS = (
+    "privacy.max_epsilon",  # dp = "sample": the largest cooperative epsilon
+    "privacy.epsilon",  # dp = "user"
+    "secure_aggregation.bytes_per_param",
+    "secure_aggregation.max_abs_error",
+)
+VARIANT_AXIS = "variant"
 # Keys the experiment sets itself, per run.
 RESERVED_KEYS = ("seed", "runtime.out")
 CI_LEVEL = 0.95
@@ -210,13 +228,24 @@ class Experiment:
     plot: dict[str, Any]
     points: tuple[Point, ...] = field(default=())
     text: str = ""
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> overrides, in file order
+
+    @property
+    def axes(self) -> dict[str, list[Any]]:
+        """What tells the points apart: ``variant`` (when there are variants), then the grid keys."""
+        return {**({VARIANT_AXIS: list(self.variants)} if self.variants else {}), **self.grid}
+
+    def config_for(self, point: Point) -> Config:
+        values = dict(point.values)
+        variant = values.pop(VARIANT_AXIS, None)
+        return self.base.replace(**(self.variants[variant] if variant is not None else {}), **values)
 
     def default_out(self, *, quick: bool = False) -> Path:
         return self.path.parent / "results" / (f"{self.name}-quick" if quick else self.name)
 
 
-_EXPERIMENT_KEYS = ("name", "description", "base", "seeds", "metrics", "overrides", "grid", "plot")
-_PLOT_KEYS = ("x", "series", "y", "xscale", "title", "labels")
+_EXPERIMENT_KEYS = ("name", "description", "base", "seeds", "metrics", "overrides", "grid", "variants", "plot")
+_PLOT_KEYS = ("x", "series", "y", "xscale", "ylog", "title", "labels")
 
 
 def _flat_table(value: Any, where: str, *, leaves: type | tuple[type, ...] | None = None) -> dict[str, Any]:
@@ -296,9 +325,9 @@ def _metrics(value: Any, where: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not value:
         raise ExperimentError(f"{where}: expected a non-empty list of metric names")
     for m in value:
-        if m not in SUMMARY_METRICS:
+        if m not in SUMMARY_METRICS + MECHANISM_METRICS:
             raise ExperimentError(f"{where}: {m!r} is not a summary.json metric "
-                                  f"(one of {', '.join(SUMMARY_METRICS)})")
+                                  f"(one of {', '.join(SUMMARY_METRICS + MECHANISM_METRICS)})")
     if len(set(value)) != len(value):
         raise ExperimentError(f"{where}: a metric is listed twice")
     return tuple(value)
@@ -336,12 +365,15 @@ def _plot_spec(raw: Any, *, where: str, grid: Mapping[str, list[Any]], metrics: 
     if xscale == "log" and not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
                                    for v in grid[x]):
         raise ExperimentError(f"{where}.xscale: 'log' needs positive numbers in grid key {x!r}")
+    ylog = raw.get("ylog", [])
+    if not isinstance(ylog, list) or any(m not in y for m in ylog):
+        raise ExperimentError(f"{where}.ylog: expected a list of metrics drawn in plot.y")
     labels = _flat_table(raw.get("labels", {}), f"{where}.labels")
     for key, label in labels.items():
         if key not in grid and key not in metrics:
             raise ExperimentError(f"{where}.labels.{key}: not a grid key or metric")
         _str(label, f"{where}.labels.{key}")
-    return {"x": x, "series": series, "y": list(y), "xscale": xscale,
+    return {"x": x, "series": series, "y": list(y), "xscale": xscale, "ylog": list(ylog),
             "title": _str(raw.get("title", title), f"{where}.title"), "labels": labels}
 
 
@@ -395,15 +427,21 @@ def load_experiment(path: str | Path) -> Experiment:
     except ConfigError as exc:
         raise ExperimentError(f"{where}.overrides: {_strip_source(str(exc))}") from None
 
-    if "grid" not in exp:
-        raise ExperimentError(f"{where}.grid: required (dotted config keys -> lists of values)")
-    grid = _flat_table(exp["grid"], f"{where}.grid")
-    if not grid:
+    variants = _variants(exp.get("variants", {}), f"{where}.variants", base)
+    if "grid" not in exp and not variants:
+        raise ExperimentError(f"{where}.grid: required (dotted config keys -> lists of values), "
+                              f"unless experiment.variants names override sets")
+    grid = _flat_table(exp.get("grid", {}), f"{where}.grid")
+    if not grid and not variants:
         raise ExperimentError(f"{where}.grid: empty (give at least one key with a list of values)")
     normalized: dict[str, list[Any]] = {}
     for key, values in grid.items():
         if key in RESERVED_KEYS:
             raise ExperimentError(f"{where}.grid.{key}: set by the experiment itself (use experiment.seeds)")
+        for name, chosen in variants.items():
+            if key in chosen:
+                raise ExperimentError(f"{where}.grid.{key}: also set by variant {name!r}; "
+                                      f"set each key in the grid or in the variants, not both")
         if not isinstance(values, list) or not values:
             raise ExperimentError(f"{where}.grid.{key}: expected a non-empty list of values")
         normalized[key] = []
@@ -416,20 +454,45 @@ def load_experiment(path: str | Path) -> Experiment:
         if len(set(map(repr, normalized[key]))) != len(values):
             raise ExperimentError(f"{where}.grid.{key}: a value is listed twice")
 
+    axes = {**({VARIANT_AXIS: list(variants)} if variants else {}), **normalized}
     points = []
-    for values in expand_grid(normalized):
+    for values in expand_grid(axes):
+        point = Point(id=point_id(values), values=values)
         try:  # combinations can still clash (cross-key checks such as cnn needing digits)
-            base.replace(**values)
+            chosen = dict(values)
+            variant = chosen.pop(VARIANT_AXIS, None)
+            base.replace(**(variants[variant] if variant is not None else {}), **chosen)
         except ConfigError as exc:
             shown = ", ".join(f"{k}={_format_value(v)}" for k, v in values.items())
             raise ExperimentError(f"{where}.grid: point {shown}: {_strip_source(str(exc))}") from None
-        points.append(Point(id=point_id(values), values=values))
+        points.append(point)
 
-    plot = _plot_spec(exp.get("plot", {}), where=f"{where}.plot", grid=normalized, metrics=metrics,
+    plot = _plot_spec(exp.get("plot", {}), where=f"{where}.plot", grid=axes, metrics=metrics,
                       title=description or name)
     return Experiment(path=path, name=name, description=description, base_path=base_path, base=base,
                       seeds=seeds, metrics=metrics, overrides=overrides, grid=normalized, plot=plot,
-                      points=tuple(points), text=text)
+                      points=tuple(points), text=text, variants=variants)
+
+
+def _variants(raw: Any, where: str, base: Config) -> dict[str, dict[str, Any]]:
+    """``{name: {dotted key: value}}`` in file order; each set is checked against the base config."""
+    if not isinstance(raw, dict):
+        raise ExperimentError(f"{where}: expected a table of named override tables")
+    variants: dict[str, dict[str, Any]] = {}
+    for name, table in raw.items():
+        if not re.fullmatch(r"[A-Za-z0-9._+-]{1,40}", name):
+            raise ExperimentError(f"{where}.{name}: a variant name must be 1-40 letters, digits or . _ + -")
+        chosen = _flat_table(table, f"{where}.{name}")
+        for key in chosen:
+            if key in RESERVED_KEYS:
+                raise ExperimentError(f"{where}.{name}.{key}: set by the experiment itself")
+        try:
+            cfg = base.replace(**chosen)
+        except ConfigError as exc:
+            raise ExperimentError(f"{where}.{name}: {_strip_source(str(exc))}") from None
+        flat = cfg.to_flat()
+        variants[name] = {key: flat[key] for key in chosen}
+    return variants
 
 
 # ---- running ----------------------------------------------------------------------------
@@ -573,7 +636,7 @@ def build_jobs(exp: Experiment, out: Path, *, seeds: Sequence[int], quick: bool 
     for seed in seeds:
         for point in exp.points:
             seed_dir = out / "points" / point.id / f"seed-{seed}"
-            cfg = exp.base.replace(**point.values, seed=seed)
+            cfg = exp.config_for(point).replace(seed=seed)
             if quick:  # shrink, never grow, whatever the grid says
                 shrink: dict[str, Any] = {"train.rounds": min(cfg.train.rounds, QUICK_ROUNDS)}
                 if cfg.data.partition != "natural":
@@ -605,7 +668,7 @@ def _relative(path: Path | None, out: Path) -> str:
 
 
 def runs_table(exp: Experiment, results: Sequence[RunResult], out: Path) -> tuple[list[str], list[list[Any]]]:
-    keys = list(exp.grid)
+    keys = list(exp.axes)
     header = ["point", *keys, "seed", "status", "run_dir", *exp.metrics, "seconds", "error"]
     order = {p.id: i for i, p in enumerate(exp.points)}
     rows = []
@@ -619,7 +682,7 @@ def runs_table(exp: Experiment, results: Sequence[RunResult], out: Path) -> tupl
 
 def results_table(exp: Experiment, results: Sequence[RunResult]) -> tuple[list[str], list[list[Any]]]:
     """One row per grid point: n successful runs and, per metric, mean and 95% CI (Student t)."""
-    keys = list(exp.grid)
+    keys = list(exp.axes)
     header = ["point", *keys, "n", "failed"]
     for m in exp.metrics:
         header += [f"{m}_mean", f"{m}_ci95_low", f"{m}_ci95_high", f"{m}_std"]
@@ -756,6 +819,7 @@ def run_experiment(exp: Experiment, *, out: Path, seeds: Sequence[int] | None = 
         "base_config": exp.base.to_flat(),  # with the overrides; seed and runtime.out are set per run
         "overrides": exp.overrides,
         "grid": exp.grid,
+        "variants": exp.variants,
         "seeds": list(seeds),
         "quick": quick,
         "metrics": list(exp.metrics),
@@ -800,13 +864,13 @@ def print_results(exp: Experiment, out: Path) -> None:
     with (out / "results.csv").open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     table = Table(title=f"{exp.name}: mean [95% CI] over seeds", title_justify="left")
-    for key in exp.grid:
+    for key in exp.axes:
         table.add_column(key, justify="right")
     table.add_column("n", justify="right")
     for m in exp.metrics:
         table.add_column(m, justify="right")
     for row in rows:
-        cells = [row[k] for k in exp.grid] + [row["n"] if row["failed"] == "0" else f"{row['n']} ({row['failed']} failed)"]
+        cells = [row[k] for k in exp.axes] + [row["n"] if row["failed"] == "0" else f"{row['n']} ({row['failed']} failed)"]
         for m in exp.metrics:
             if row[f"{m}_mean"] == "":
                 cells.append("-")

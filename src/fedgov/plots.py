@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import tempfile
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ matplotlib.use("Agg")  # files only: no display needed, and no GUI backend in wo
 
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 from .results import read_json, read_jsonl  # noqa: E402
 
@@ -91,7 +93,8 @@ def plot_experiment(results_csv: str | Path, plot_spec: Mapping[str, Any], out_p
     """Mean lines with 95% CI error bars and bands, one panel per metric in ``plot_spec["y"]``, shared x.
 
     ``plot_spec`` is the ``plot`` entry of ``experiment.json``: ``x``, ``y``, and optionally
-    ``series``, ``xscale``, ``title`` and ``labels`` (display names for keys and metrics).
+    ``series``, ``xscale``, ``ylog`` (metrics on a log axis), ``title`` and ``labels`` (display
+    names for keys and metrics). Categorical x (variants, names) gets markers, not lines.
     With ``runs_csv`` each seed's own value is drawn too, as a faint dot.
     """
     rows = _read_csv(results_csv)
@@ -147,10 +150,22 @@ def plot_experiment(results_csv: str | Path, plot_spec: Mapping[str, Any], out_p
                 continue
             xs, mean, low, high = ([seq[i] for i in keep] for seq in (xs, mean, low, high))
             label = f"{_pretty(series_key, labels)} = {name}" if series_key else "mean over seeds"
+            # Categories (variants, strategy names) have no order to draw a line along.
             ax.errorbar(xs, mean, yerr=[[m - lo for m, lo in zip(mean, low)], [hi - m for m, hi in zip(mean, high)]],
-                        color=color, marker="o", markersize=5, linewidth=1.8, capsize=4, label=label)
-            ax.fill_between(xs, low, high, color=color, alpha=0.15, linewidth=0,
-                            label="95% CI" if has_ci and not series_key else None)
+                        color=color, marker="o", markersize=6 if not numeric else 5,
+                        linewidth=1.8 if numeric else 0, elinewidth=1.8, capsize=4, label=label)
+            if numeric:
+                ax.fill_between(xs, low, high, color=color, alpha=0.15, linewidth=0,
+                                label="95% CI" if has_ci and not series_key else None)
+            elif not series_key:
+                for x, m in zip(xs, mean):
+                    ax.annotate(f"{m:.3g}", (x, m), textcoords="offset points", xytext=(7, 3),
+                                fontsize="x-small", color="0.25")
+        if metric in plot_spec.get("ylog", ()):
+            ax.set_yscale("log")
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 2e+05, not 2 x 10^5
+            ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_ylabel(_pretty(metric, labels))
         _style(ax)
         if panel == 0 and ax.get_legend_handles_labels()[0]:
@@ -164,11 +179,12 @@ def plot_experiment(results_csv: str | Path, plot_spec: Mapping[str, Any], out_p
         bottom.set_xticks(ticks, [f"{t:g}" for t in ticks])
         bottom.minorticks_off()
     else:
-        bottom.set_xticks(range(len(categories)), categories)
+        bottom.set_xticks(range(len(categories)), categories, rotation=25 if len(categories) > 4 else 0,
+                          ha="right" if len(categories) > 4 else "center")
     bottom.set_xlabel(_pretty(x_key, labels))
     title = plot_spec.get("title") or Path(results_csv).parent.name
     note = _seeds_note([int(_float(r["n"])) if r["n"] else 0 for r in rows])
-    fig.suptitle(title, fontsize="large", fontweight="bold")
+    fig.suptitle(textwrap.fill(title, 60), fontsize="large", fontweight="bold")
     axes[0][0].set_title(note, fontsize="small", color="0.35")
     fig.tight_layout()
     return _save(fig, out_png, dpi=dpi)

@@ -46,6 +46,9 @@ def test_he_run_reaches_the_plaintext_accuracy(tmp_path, plain):
     assert block["scheme"] == "he" and block["preset"] == "standard"
     assert block["max_abs_error"] <= 1e-6
     assert block["bytes_per_param"] <= 34.0
+    from fedgov.experiment import MECHANISM_METRICS, metric_value  # what privacy_utility.toml aggregates
+
+    assert all(metric_value(he_summary, m) is not None for m in MECHANISM_METRICS if m.startswith("secure_"))
     assert he_summary["bytes_up"] > plain_summary["bytes_up"]
     rows = read_jsonl(he / "metrics.jsonl")
     assert all(r["participants"] == 4 and not r["failures"] for r in rows)
