@@ -94,6 +94,7 @@ __all__ = [
     "max_abs_error",
     "plaintext_fedavg",
     "shutdown_workers",
+    "tenseal_direct_sum",
 ]
 
 
@@ -1101,6 +1102,22 @@ def aggregate(updates: Sequence[UpdateLike], *, context: PublicContext | SecretK
     assert first is not None and acc is not None
     return EncryptedUpdate(preset_name=p.name, fingerprint=p.fingerprint(), key_id=context.key_id,
                            specs=first.specs, contributors=contributors, weight=weight, vectors=acc)
+
+
+def tenseal_direct_sum(chunks_per_update: Sequence[Sequence[bytes]], *, context: PublicContext | SecretKeys
+                       ) -> list[bytes]:
+    """The same sum done directly with TenSEAL's public API, no fedgov checks: a benchmark baseline.
+
+    ``chunks_per_update``: each update's serialized ciphertexts
+    (``EncryptedUpdate.chunk_bytes()``). Returns the summed ciphertexts, serialized.
+    """
+    p, ctx = context.preset, context.tenseal_context
+    load = ts.ckks_vector_from if p.scheme == "ckks" else ts.bfv_vector_from
+    acc = [load(ctx, c) for c in chunks_per_update[0]]
+    for chunks in chunks_per_update[1:]:
+        for j, c in enumerate(chunks):
+            acc[j] += load(ctx, c)
+    return [v.serialize() for v in acc]
 
 
 def decrypt_aggregate(aggregate: UpdateLike, *, keys: SecretKeys, total_weight: float | None = None,

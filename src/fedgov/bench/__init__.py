@@ -1,0 +1,1 @@
+"""Overhead benchmark suites: ``python -m fedgov.bench`` (see :mod:`fedgov.bench.cli`)."""

@@ -1,0 +1,230 @@
+"""``python -m fedgov.bench``: run the overhead benchmark suites and write results, figures and a report.
+
+Suites are defined in ``benchmarks/<name>.toml`` (a ``[suite]`` table, and a
+``[quick]`` table merged over it under ``--quick``) and implemented in
+``fedgov.bench.suites.<name>``. Output (default
+``benchmarks/results/<machine>-<date>/``): ``results.json`` (machine, invocation,
+per-suite status and every row), ``results.csv`` (the rows), ``<suite>*.png`` and
+``report.md``. Results are written after each suite; running the same command
+again keeps the suites already finished with the same definition (``--fresh``
+measures everything again).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import io
+import shlex
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from ..results import atomic_write_text, read_json, write_json
+from .core import BenchContext
+from .machine import describe_machine, machine_slug
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = ["SUITES", "BenchError", "load_suite_spec", "main", "run_benchmarks"]
+
+SUITES = ("aggregation", "dp_training", "round", "realtime")
+
+
+class BenchError(ValueError):
+    """Bad command-line input or suite definition, phrased as one line."""
+
+
+def default_suites_dir() -> Path:
+    here = Path.cwd() / "benchmarks"
+    if (here / "aggregation.toml").is_file():
+        return here
+    return Path(__file__).resolve().parents[3] / "benchmarks"  # a source checkout
+
+
+def load_suite_spec(suites_dir: Path, name: str, *, quick: bool) -> dict[str, Any]:
+    path = suites_dir / f"{name}.toml"
+    if not path.is_file():
+        raise BenchError(f"{path}: no such suite definition (suites: {', '.join(SUITES)})")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise BenchError(f"{path}: not valid TOML ({exc})") from None
+    for key in raw:
+        if key not in ("suite", "quick"):
+            raise BenchError(f"{path}: {key}: unknown table (a suite file holds [suite] and [quick])")
+    spec = dict(raw.get("suite", {}))
+    if quick:
+        for key, value in raw.get("quick", {}).items():
+            if key not in spec:
+                raise BenchError(f"{path}: quick.{key}: not a key of [suite]")
+            spec[key] = value
+    return spec
+
+
+def _resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise BenchError("--device cuda: no CUDA device is visible to PyTorch (use --device cpu or auto)")
+    return name
+
+
+def _csv_text(rows: list[dict[str, Any]]) -> str:
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(k for k in row if k not in columns)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n", restval="")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    return buffer.getvalue()
+
+
+class _Progress:
+    """One status line per step on stderr, with the time since the suite started."""
+
+    def __init__(self) -> None:
+        self.suite = ""
+        self.started = time.perf_counter()
+
+    def start(self, suite: str) -> None:
+        self.suite, self.started = suite, time.perf_counter()
+        print(f"[{suite}] starting", file=sys.stderr, flush=True)
+
+    def __call__(self, message: str) -> None:
+        print(f"[{self.suite} {time.perf_counter() - self.started:6.1f} s] {message}", file=sys.stderr, flush=True)
+
+
+def _suite_module(name: str) -> Any:
+    return importlib.import_module(f"fedgov.bench.suites.{name}")
+
+
+def write_outputs(out: Path, results: dict[str, Any]) -> None:
+    """results.json, results.csv, figures and report.md, all from the saved results."""
+    write_json(out / "results.json", results)
+    rows = results["rows"]
+    atomic_write_text(out / "results.csv", _csv_text(rows))
+    from .report import render_report
+
+    figures: dict[str, list[str]] = {}
+    for name in results["suites"]:
+        mine = [r for r in rows if r.get("suite") == name]
+        if not mine:
+            continue
+        try:
+            figures[name] = [p.name for p in _suite_module(name).figures(mine, out)]
+        except Exception as exc:  # a figure must not lose the measurements
+            results["suites"][name].setdefault("figure_error", f"{type(exc).__name__}: {exc}")
+    atomic_write_text(out / "report.md", render_report(results, figures))
+
+
+def run_benchmarks(*, suites: list[str], quick: bool, device: str, out: Path, suites_dir: Path,
+                   fresh: bool = False, argv: list[str] | None = None) -> dict[str, Any]:
+    specs = {name: load_suite_spec(suites_dir, name, quick=quick) for name in suites}
+    out.mkdir(parents=True, exist_ok=True)
+    machine = describe_machine()
+    earlier: dict[str, Any] = {}
+    if not fresh and (out / "results.json").is_file():
+        try:
+            earlier = read_json(out / "results.json")
+        except (OSError, ValueError):
+            earlier = {}
+    results: dict[str, Any] = {
+        "invocation": shlex.join(["python", "-m", "fedgov.bench", *(argv or [])]),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "finished": None,
+        "quick": quick,
+        "device": device,
+        "machine": machine,
+        "suites": {},
+        "rows": [],
+    }
+    # Keep suites that finished earlier with the same definition, device and quick flag.
+    for name, info in (earlier.get("suites") or {}).items():
+        if (name in specs and info.get("status") == "ok" and info.get("spec") == specs[name]
+                and earlier.get("quick") == quick and earlier.get("device") == device):
+            results["suites"][name] = {**info, "kept": True}
+            results["rows"] += [r for r in earlier.get("rows", []) if r.get("suite") == name]
+    progress = _Progress()
+    ctx = BenchContext(quick=quick, device=device, out=out, machine=machine, progress=progress)
+    for name in suites:
+        if name in results["suites"]:
+            print(f"[{name}] kept from the earlier run in {out} (--fresh measures again)", file=sys.stderr)
+            continue
+        progress.start(name)
+        ctx.rows = list(results["rows"])
+        started = time.perf_counter()
+        info: dict[str, Any] = {"spec": specs[name], "status": "ok"}
+        try:
+            rows = _suite_module(name).run(specs[name], ctx)
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # one broken suite must not lose the others' measurements
+            rows = []
+            info.update(status="failed", error=f"{type(exc).__name__}: {exc}",
+                        traceback=traceback.format_exc(limit=8))
+            print(f"[{name}] FAILED: {type(exc).__name__}: {exc}", file=sys.stderr)
+        info["seconds"] = round(time.perf_counter() - started, 1)
+        results["suites"][name] = info
+        results["rows"] = [r for r in results["rows"] if r.get("suite") != name]
+        results["rows"] += [{"suite": name, **row} for row in rows]
+        write_outputs(out, results)
+        print(f"[{name}] {info['status']} in {info['seconds']:.0f} s, {len(rows)} rows", file=sys.stderr)
+    results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    write_outputs(out, results)
+    return results
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fedgov.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--suite", action="append", choices=SUITES, metavar="NAME",
+                   help=f"suite to run (repeatable; default all: {', '.join(SUITES)})")
+    p.add_argument("--quick", action="store_true", help="every suite at small sizes (about two minutes on 2 cores)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where training runs (HE always runs on the CPU); auto = cuda when available")
+    p.add_argument("--out", type=Path, default=None,
+                   help="results folder (default benchmarks/results/<machine>-<date>[-quick]/)")
+    p.add_argument("--suites-dir", type=Path, default=None, help="folder of suite definitions (default benchmarks/)")
+    p.add_argument("--fresh", action="store_true", help="measure again suites already in --out")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    suites = [s for s in SUITES if s in (args.suite or SUITES)]
+    suites_dir = args.suites_dir or default_suites_dir()
+    try:
+        device = _resolve_device(args.device)
+        for name in suites:
+            load_suite_spec(suites_dir, name, quick=args.quick)
+        if args.out is None:
+            machine = describe_machine()
+            stamp = time.strftime("%Y%m%d", time.gmtime())
+            args.out = suites_dir / "results" / f"{machine_slug(machine)}-{stamp}{'-quick' if args.quick else ''}"
+    except BenchError as exc:
+        print(f"fedgov.bench: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        results = run_benchmarks(suites=suites, quick=args.quick, device=device, out=args.out,
+                                 suites_dir=suites_dir, fresh=args.fresh, argv=argv)
+    except KeyboardInterrupt:
+        print(f"fedgov.bench: interrupted; finished suites are saved in {args.out} "
+              f"(run the same command again to continue)", file=sys.stderr)
+        return 130
+    failed = [n for n, info in results["suites"].items() if info["status"] != "ok"]
+    print((args.out / "report.md").read_text())
+    if failed:
+        print(f"fedgov.bench: suites failed: {', '.join(failed)} (see results.json)", file=sys.stderr)
+    print(args.out)
+    return 1 if failed else 0

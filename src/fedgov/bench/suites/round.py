@@ -1,0 +1,172 @@
+"""Suite ``round``: end-to-end round latency of the federation per mechanism, by phase.
+
+Each mechanism runs the default task (``configs/default.toml``: digits, 10
+cooperatives, the 8,970-parameter MLP) through ``python -m fedgov.simulate`` in its
+own process for a few rounds, and the per-round ``phase_seconds`` of its
+``metrics.jsonl`` are read back. The first round is dropped (start-up: Ray
+workers, key loading, Opacus set-up).
+
+Phases, as the server observes them: ``train`` (send the model, local training,
+encryption or masking, the replies), ``aggregate``, ``evaluate``; inside them
+``local_train_max`` (the slowest cooperative's training), ``encrypt_max``,
+``he_aggregate`` and ``decrypt``; SecAgg+ adds ``secagg_setup`` and
+``secagg_share_keys`` rounds of messages before training. ``other`` is what the
+round took beyond the named top-level phases (scheduling, bookkeeping).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from ...results import read_jsonl
+from ..core import BenchContext, percentile
+
+MECHANISMS: dict[str, dict[str, Any]] = {
+    "none": {},
+    # Fixed noise: the suite times DP-SGD, it does not spend a budget.
+    "dp": {"privacy.dp": "sample", "privacy.noise_multiplier": 1.0},
+    "he": {"secure.aggregation": "he"},
+    "he-compact": {"secure.aggregation": "he", "secure.preset": "compact"},
+    "secagg+": {"secure.aggregation": "secagg+"},
+    "dp+he": {"privacy.dp": "sample", "privacy.noise_multiplier": 1.0, "secure.aggregation": "he"},
+}
+TOP_PHASES = ("secagg_setup", "secagg_share_keys", "train", "aggregate", "evaluate")
+SUB_PHASES = ("local_train_max", "encrypt_max", "he_aggregate", "decrypt")
+
+
+def simulate_rounds(mechanism: str, *, rounds: int, cooperatives: int, device: str, out: Path,
+                    seed: int = 0) -> list[dict[str, Any]]:
+    """Run ``mechanism`` for ``rounds`` rounds; return its metrics.jsonl rows (all rounds)."""
+    if mechanism not in MECHANISMS:
+        raise ValueError(f"unknown mechanism {mechanism!r} (one of {', '.join(MECHANISMS)})")
+    sets = {"train.rounds": rounds, "data.num_cooperatives": cooperatives, "seed": seed,
+            "runtime.device": device, **MECHANISMS[mechanism]}
+    command = [sys.executable, "-m", "fedgov.simulate", "--no-progress", "--out", str(out)]
+    for key, value in sets.items():
+        command += ["--set", f"{key}={value}"]
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
+    lines = proc.stdout.strip().splitlines()
+    run_dir = Path(lines[-1]) if lines else None
+    if proc.returncode != 0 or run_dir is None or not (run_dir / "metrics.jsonl").is_file():
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"fedgov.simulate ({mechanism}) exited {proc.returncode}: {tail}")
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    if any(r.get("failures") for r in rows) or not rows:
+        raise RuntimeError(f"fedgov.simulate ({mechanism}): cooperatives failed, see {run_dir}")
+    return rows
+
+
+def summarize(mechanism: str, rows: list[dict[str, Any]], *, device: str) -> dict[str, Any]:
+    """Median round latency and per-phase medians and shares, first round dropped."""
+    timed = rows[1:] if len(rows) > 1 else rows
+    seconds = [r["seconds"] for r in timed]
+    median = statistics.median(seconds)
+    out: dict[str, Any] = {"kind": "round", "mechanism": mechanism, "device": device, "rounds_timed": len(timed),
+                           "round_seconds": median, "round_seconds_p99": percentile(seconds, 99),
+                           "round_seconds_min": min(seconds),
+                           "bytes_per_round": statistics.median(r["bytes_up"] + r["bytes_down"] for r in timed),
+                           "final_accuracy": rows[-1].get("accuracy")}
+    named = 0.0
+    for phase in TOP_PHASES + SUB_PHASES:
+        values = [r["phase_seconds"][phase] for r in timed if phase in r.get("phase_seconds", {})]
+        if values:
+            out[f"{phase}_seconds"] = statistics.median(values)
+            out[f"{phase}_share"] = out[f"{phase}_seconds"] / median if median else None
+            if phase in TOP_PHASES:
+                named += out[f"{phase}_seconds"]
+    out["other_seconds"] = max(0.0, median - named)
+    out["other_share"] = out["other_seconds"] / median if median else None
+    # Share of the round spent on cryptography the cooperatives and server do (not on messaging).
+    crypto = sum(out.get(f"{p}_seconds", 0.0) for p in ("encrypt_max", "he_aggregate", "decrypt"))
+    out["crypto_share"] = crypto / median if median else None
+    return out
+
+
+def run(spec: dict[str, Any], ctx: BenchContext) -> list[dict[str, Any]]:
+    rounds = int(spec.get("rounds", 6))
+    cooperatives = int(spec.get("cooperatives", 10))
+    out = ctx.out / "work" / "round"
+    rows = []
+    for mechanism in spec.get("mechanisms", list(MECHANISMS)):
+        ctx.step(f"{mechanism}: {rounds} rounds, {cooperatives} cooperatives on {ctx.device}")
+        metrics = simulate_rounds(mechanism, rounds=rounds, cooperatives=cooperatives, device=ctx.device,
+                                  out=out / mechanism)
+        rows.append(summarize(mechanism, metrics, device=ctx.device))
+    base = next((r for r in rows if r["mechanism"] == "none"), None)
+    for r in rows:
+        r["round_ratio"] = r["round_seconds"] / base["round_seconds"] if base else None
+    return rows
+
+
+def figures(rows: list[dict[str, Any]], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ...plots import _save, _style
+
+    rows = [r for r in rows if r.get("kind") == "round"]
+    if not rows:
+        return []
+    # Stacked bars of what the round is made of; sub-phases carved out of train / aggregate.
+    parts = [("local_train_max", "local training (slowest)"), ("encrypt_max", "encrypt (slowest)"),
+             ("train_rest", "train: messaging, waiting"), ("secagg_setup", "SecAgg+ setup"),
+             ("secagg_share_keys", "SecAgg+ share keys"), ("he_aggregate", "HE sum"), ("decrypt", "decrypt (incl. query to key holder)"),
+             ("aggregate_rest", "aggregate: rest"), ("evaluate", "evaluate"), ("other", "other")]
+
+    def value(r: dict[str, Any], key: str) -> float:
+        get = lambda k: r.get(f"{k}_seconds") or 0.0  # noqa: E731
+        if key == "train_rest":
+            return max(0.0, get("train") - get("local_train_max") - get("encrypt_max"))
+        if key == "aggregate_rest":
+            return max(0.0, get("aggregate") - get("he_aggregate") - get("decrypt"))
+        return get(key)
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    names = [f"{r['mechanism']}\n({r['device']})" if len({x['device'] for x in rows}) > 1 else r["mechanism"]
+             for r in rows]
+    bottom = [0.0] * len(rows)
+    cmap = plt.get_cmap("tab10")
+    for i, (key, label) in enumerate(parts):
+        heights = [value(r, key) for r in rows]
+        if not any(heights):
+            continue
+        ax.bar(names, heights, bottom=bottom, label=label, color=cmap(i % 10))
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    for x, r in enumerate(rows):
+        ax.annotate(f"{r['round_seconds']:.2f} s", (x, bottom[x]), ha="center", va="bottom", fontsize="small")
+    ax.set_ylabel("seconds per round (median)")
+    ax.set_title("Round latency by phase, default task", fontweight="bold")
+    _style(ax)
+    ax.legend(fontsize="x-small", frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    return [_save(fig, out / "round.png", dpi=120)]
+
+
+def report(rows: list[dict[str, Any]]) -> str:
+    rows = [r for r in rows if r.get("kind") == "round"]
+    if not rows:
+        return "No round measurements.\n"
+    lines = ["Median seconds per round after the first (default task), and the share of each phase:", "",
+             "| mechanism | device | s/round | x none | local training | encrypt | HE sum + decrypt | "
+             "SecAgg+ key rounds | evaluate | crypto share | bytes/round |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def pct(r: dict[str, Any], *keys: str) -> str:
+        total = sum(r.get(f"{k}_share") or 0.0 for k in keys)
+        return f"{100 * total:.0f}%" if any(r.get(f"{k}_share") is not None for k in keys) else "-"
+
+    for r in rows:
+        ratio = f"{r['round_ratio']:.2f}" if r.get("round_ratio") else "-"
+        lines.append(f"| {r['mechanism']} | {r['device']} | {r['round_seconds']:.3f} | {ratio} | "
+                     f"{pct(r, 'local_train_max')} | {pct(r, 'encrypt_max')} | {pct(r, 'he_aggregate', 'decrypt')} | "
+                     f"{pct(r, 'secagg_setup', 'secagg_share_keys')} | {pct(r, 'evaluate')} | "
+                     f"{100 * (r.get('crypto_share') or 0):.0f}% | {r['bytes_per_round']:,.0f} |")
+    return "\n".join(lines) + "\n"
