@@ -134,7 +134,7 @@ def run_benchmarks(*, suites: list[str], quick: bool, device: str, out: Path, su
     out.mkdir(parents=True, exist_ok=True)
     machine = describe_machine()
     earlier: dict[str, Any] = {}
-    if not fresh and (out / "results.json").is_file():
+    if (out / "results.json").is_file():
         try:
             earlier = read_json(out / "results.json")
         except (OSError, ValueError):
@@ -149,11 +149,14 @@ def run_benchmarks(*, suites: list[str], quick: bool, device: str, out: Path, su
         "suites": {},
         "rows": [],
     }
-    # Keep suites that finished earlier with the same definition, device and quick flag.
+    # Keep suites that finished earlier with the same definition, device and quick flag; suites not
+    # asked for this time stay as they were (a folder can be filled one suite at a time).
+    same_setup = earlier.get("quick") == quick and earlier.get("device") == device
     for name, info in (earlier.get("suites") or {}).items():
-        if (name in specs and info.get("status") == "ok" and info.get("spec") == specs[name]
-                and earlier.get("quick") == quick and earlier.get("device") == device):
-            results["suites"][name] = {**info, "kept": True}
+        reuse = name in specs and not fresh and info.get("status") == "ok" and info.get("spec") == specs[name]
+        if same_setup and (reuse or name not in specs):
+            info = {"invocation": earlier.get("invocation"), **info}  # the command that measured it
+            results["suites"][name] = {**info, "kept": True} if name in specs else info
             results["rows"] += [r for r in earlier.get("rows", []) if r.get("suite") == name]
     progress = _Progress()
     ctx = BenchContext(quick=quick, device=device, out=out, machine=machine, progress=progress)
@@ -164,7 +167,8 @@ def run_benchmarks(*, suites: list[str], quick: bool, device: str, out: Path, su
         progress.start(name)
         ctx.rows = list(results["rows"])
         started = time.perf_counter()
-        info: dict[str, Any] = {"spec": specs[name], "status": "ok"}
+        info: dict[str, Any] = {"spec": specs[name], "status": "ok", "invocation": results["invocation"],
+                                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         try:
             rows = _suite_module(name).run(specs[name], ctx)
         except KeyboardInterrupt:
@@ -180,6 +184,7 @@ def run_benchmarks(*, suites: list[str], quick: bool, device: str, out: Path, su
         results["rows"] += [{"suite": name, **row} for row in rows]
         write_outputs(out, results)
         print(f"[{name}] {info['status']} in {info['seconds']:.0f} s, {len(rows)} rows", file=sys.stderr)
+    results["suites"] = {n: results["suites"][n] for n in SUITES if n in results["suites"]}
     results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     write_outputs(out, results)
     return results
@@ -195,7 +200,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None,
                    help="results folder (default benchmarks/results/<machine>-<date>[-quick]/)")
     p.add_argument("--suites-dir", type=Path, default=None, help="folder of suite definitions (default benchmarks/)")
-    p.add_argument("--fresh", action="store_true", help="measure again suites already in --out")
+    p.add_argument("--fresh", action="store_true",
+                   help="measure the chosen suites again even if --out holds them (other suites there are kept)")
     return p
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BenchContext", "Timing", "fit_power_law", "percentile", "time_call"]
+__all__ = ["BenchContext", "Timing", "fit_power_law", "percentile", "time_call", "time_paired"]
 
 
 @dataclass
@@ -80,6 +80,29 @@ def time_call(fn: Callable[[], Any], *, repeat: int = 5, warmup: int = 1, min_se
             if enabled:
                 gc.enable()
     return Timing(tuple(samples))
+
+
+def time_paired(a: Callable[[], Any], b: Callable[[], Any], *, repeat: int = 5, warmup: int = 1,
+                min_seconds: float = 0.0) -> tuple[Timing, Timing]:
+    """Time ``a`` and ``b`` alternately, so that a slow spell of a shared machine hits both alike."""
+    for _ in range(warmup):
+        a()
+        b()
+    sa: list[float] = []
+    sb: list[float] = []
+    started = time.perf_counter()
+    while len(sa) < repeat or (time.perf_counter() - started < min_seconds and len(sa) < 100_000):
+        for fn, samples in ((a, sa), (b, sb)):
+            enabled = gc.isenabled()
+            gc.disable()
+            try:
+                t0 = time.perf_counter()
+                fn()
+                samples.append(time.perf_counter() - t0)
+            finally:
+                if enabled:
+                    gc.enable()
+    return Timing(tuple(sa)), Timing(tuple(sb))
 
 
 def percentile(values: Sequence[float], q: float) -> float:

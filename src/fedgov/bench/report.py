@@ -58,7 +58,9 @@ def render_report(results: dict[str, Any], figures: dict[str, list[str]]) -> str
         if info.get("status") != "ok":
             lines += [f"**Failed**: {info.get('error')}", ""]
             continue
-        lines.append(f"Measured in {info.get('seconds', 0):.0f} s{' (kept from an earlier run)' if info.get('kept') else ''}.")
+        by = info.get("invocation") or results.get("invocation")
+        lines.append(f"Measured in {info.get('seconds', 0):.0f} s by `{by}`"
+                     f"{', started ' + info['started'] if info.get('started') else ''}.")
         lines.append("")
         rows = [r for r in results.get("rows", []) if r.get("suite") == name]
         try:

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -870,6 +871,12 @@ def _check_vector_bytes(data: bytes, size: int, preset: HEPreset) -> None:
 
 def _layout(preset: HEPreset, specs: Sequence[LayerSpec]) -> tuple[list[tuple[int, int]], list[int]]:
     """Value ranges of each chunk and the number of slots each chunk's vector holds."""
+    return _cached_layout(preset, tuple(specs))
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_layout(preset: HEPreset, specs: tuple[LayerSpec, ...]) -> tuple[list[tuple[int, int]], list[int]]:
+    # Every update of a round has the same shapes: the server computes this once, not per update.
     ranges = chunk_ranges(specs, preset.values_per_ciphertext, per_layer=preset.packing == "per-layer")
     k = preset.values_per_slot
     return ranges, [-(-(b - a) // k) for a, b in ranges]
