@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,7 +19,8 @@ from torch import nn
 from ..task import TrainResult, make_loader, train
 from .accounting import PrivacyLedger, RoundSpend, noise_for_target
 
-__all__ = ["BudgetExhausted", "PrivateTrainResult", "plan_round", "train_private", "GRAD_SAMPLE_MODES"]
+__all__ = ["BudgetExhausted", "PrivateTrainResult", "PrivateTraining", "plan_round", "make_private", "train_private",
+           "GRAD_SAMPLE_MODES"]
 
 # fedgov's names -> Opacus's grad_sample_mode
 GRAD_SAMPLE_MODES = {"hooks": "hooks", "functorch": "functorch", "ghost": "ghost"}
@@ -58,10 +60,21 @@ def plan_round(ledger: PrivacyLedger, *, num_examples: int, batch_size: int, epo
     return spend
 
 
-def train_private(model: nn.Module, x: np.ndarray, y: np.ndarray, *, spend: RoundSpend, batch_size: int,
-                  epochs: int, lr: float, momentum: float, max_grad_norm: float, grad_sample_mode: str,
-                  device: torch.device, seed: int) -> PrivateTrainResult:
-    """DP-SGD for one round; returns the mechanism actually run (steps counted by Opacus)."""
+@dataclass
+class PrivateTraining:
+    """A model, optimizer, loss and loader wrapped by Opacus for DP-SGD, and the engine that accounts."""
+
+    engine: Any
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    criterion: nn.Module
+    loader: Any
+
+
+def make_private(model: nn.Module, x: np.ndarray, y: np.ndarray, *, batch_size: int, lr: float, momentum: float,
+                 noise_multiplier: float, max_grad_norm: float, grad_sample_mode: str, device: torch.device,
+                 seed: int) -> PrivateTraining:
+    """Attach Opacus (RDP accountant, Poisson sampling, seeded noise) the way fedgov trains privately."""
     from opacus import PrivacyEngine
 
     torch.manual_seed(seed)  # Poisson sampling and noise: reproducible for a given seed
@@ -73,7 +86,7 @@ def train_private(model: nn.Module, x: np.ndarray, y: np.ndarray, *, spend: Roun
         warnings.simplefilter("ignore")  # Opacus warns about secure RNG and the optimizer's state
         engine = PrivacyEngine(accountant="rdp")
         made = engine.make_private(module=model, optimizer=optimizer, criterion=criterion, data_loader=loader,
-                                   noise_multiplier=spend.noise_multiplier, max_grad_norm=max_grad_norm,
+                                   noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                                    grad_sample_mode=GRAD_SAMPLE_MODES[grad_sample_mode], poisson_sampling=True,
                                    noise_generator=torch.Generator(device=device).manual_seed(seed + 1))
     # Ghost clipping also wraps the loss, so Opacus returns four things instead of three.
@@ -81,11 +94,22 @@ def train_private(model: nn.Module, x: np.ndarray, y: np.ndarray, *, spend: Roun
         private_model, private_optimizer, criterion, private_loader = made
     else:
         private_model, private_optimizer, private_loader = made
+    return PrivateTraining(engine, private_model, private_optimizer, criterion, private_loader)
+
+
+def train_private(model: nn.Module, x: np.ndarray, y: np.ndarray, *, spend: RoundSpend, batch_size: int,
+                  epochs: int, lr: float, momentum: float, max_grad_norm: float, grad_sample_mode: str,
+                  device: torch.device, seed: int) -> PrivateTrainResult:
+    """DP-SGD for one round; returns the mechanism actually run (steps counted by Opacus)."""
+    private = make_private(model, x, y, batch_size=batch_size, lr=lr, momentum=momentum,
+                           noise_multiplier=spend.noise_multiplier, max_grad_norm=max_grad_norm,
+                           grad_sample_mode=grad_sample_mode, device=device, seed=seed)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Full backward hook")  # raised by Opacus's own hooks
-        result = train(private_model, private_loader, epochs=epochs, lr=lr, momentum=momentum, device=device,
-                       optimizer=private_optimizer, criterion=criterion, skip_empty_batches=False)
-    (noise, sample_rate, _), *_ = engine.accountant.history
+        result = train(private.model, private.loader, epochs=epochs, lr=lr, momentum=momentum, device=device,
+                       optimizer=private.optimizer, criterion=private.criterion, skip_empty_batches=False)
+    history = private.engine.accountant.history
+    (noise, sample_rate, _), *_ = history
     actual = RoundSpend(noise_multiplier=float(noise), sample_rate=float(sample_rate),
-                        steps=int(sum(s for _, _, s in engine.accountant.history)))
+                        steps=int(sum(s for _, _, s in history)))
     return PrivateTrainResult(train=result, spend=actual)

@@ -55,9 +55,8 @@ def _epoch_fn(mode: str, hidden: int, x: np.ndarray, y: np.ndarray, spec: dict[s
               device: Any) -> tuple[Callable[[], Any], int]:
     """One epoch of what fedgov runs for this mode, and the model's parameter count.
 
-    The DP setup mirrors ``train_private`` (fresh engine, RDP accountant, Poisson
-    sampling, seeded noise generator); it is inlined because ``train_private``
-    wraps the model anew on every call, which would put the setup into every epoch.
+    The DP set-up is fedgov's own (``make_private``, as ``train_private`` uses it),
+    done once here so that it is not timed with every epoch.
     """
     import torch
     from torch import nn
@@ -68,27 +67,19 @@ def _epoch_fn(mode: str, hidden: int, x: np.ndarray, y: np.ndarray, spec: dict[s
     seed, lr, momentum = int(spec["seed"]), float(spec["lr"]), float(spec["momentum"])
     model = build_model("mlp", input_shape=(FEATURES,), num_classes=CLASSES, hidden=hidden, seed=seed).to(device)
     params = count_parameters(model)
-    torch.manual_seed(seed)
-    loader = make_loader(x, y, batch_size=int(spec["batch_size"]), shuffle=True, seed=seed)
-    optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-    criterion: nn.Module = nn.CrossEntropyLoss()
-    if mode != "none":
-        from opacus import PrivacyEngine
+    if mode == "none":
+        torch.manual_seed(seed)
+        loader = make_loader(x, y, batch_size=int(spec["batch_size"]), shuffle=True, seed=seed)
+        optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+        criterion: nn.Module = nn.CrossEntropyLoss()
+    else:
+        from ...privacy.dp_sgd import make_private
 
-        from ...privacy.dp_sgd import GRAD_SAMPLE_MODES
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # secure RNG and optimizer-state warnings, as in train_private
-            engine = PrivacyEngine(accountant="rdp")
-            made = engine.make_private(module=model, optimizer=optimizer, criterion=criterion, data_loader=loader,
-                                       noise_multiplier=float(spec["noise_multiplier"]),
-                                       max_grad_norm=float(spec["max_grad_norm"]),
-                                       grad_sample_mode=GRAD_SAMPLE_MODES[mode], poisson_sampling=True,
-                                       noise_generator=torch.Generator(device=device).manual_seed(seed + 1))
-        if len(made) == 4:  # ghost clipping also wraps the loss
-            model, optimizer, criterion, loader = made
-        else:
-            model, optimizer, loader = made
+        private = make_private(model, x, y, batch_size=int(spec["batch_size"]), lr=lr, momentum=momentum,
+                               noise_multiplier=float(spec["noise_multiplier"]),
+                               max_grad_norm=float(spec["max_grad_norm"]), grad_sample_mode=mode,
+                               device=device, seed=seed)
+        model, optimizer, criterion, loader = private.model, private.optimizer, private.criterion, private.loader
 
     def epoch() -> None:
         with warnings.catch_warnings():
