@@ -122,7 +122,7 @@ def figures(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     fresh = [r for r in rows if r.get("kind") == "freshness"]
     if not inf and not fresh:
         return []
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5.2))
     budgets = {b.applies_to: [x for x in BUDGETS if x.applies_to == b.applies_to] for b in BUDGETS}
     for ax, items, label_of, value_of, part, title in (
             (axes[0], inf, lambda r: f"{r['model']}\n{r['mode']}", lambda r: r["latency_p99_ms"] / 1e3, "inference",
@@ -133,15 +133,25 @@ def figures(rows: list[dict[str, Any]], out: Path) -> list[Path]:
             ax.axis("off")
             continue
         values = [value_of(r) for r in items]
-        ax.bar([label_of(r) for r in items], values, color="#4C72B0")
-        for i, v in enumerate(values):
+        ax.bar([label_of(r) for r in items], values, color="#4C72B0", label="measured on one machine")
+        tops = list(values)
+        if part == "inference":  # the wire time the link verdicts add, stacked on top
+            linked = {(v["model"], v["mode"].split(" + ")[0]): v["p99_ms"] / 1e3 for v in rows
+                      if v.get("kind") == "verdict" and v.get("part") == "inference" and " + " in v.get("mode", "")}
+            extra = [max(0.0, linked.get((r["model"], r["mode"]), v) - v) for r, v in zip(items, values)]
+            if any(extra):
+                ax.bar([label_of(r) for r in items], extra, bottom=values, color="#A1C4E8",
+                       label="+ request and response over the stated link")
+                tops = [v + e for v, e in zip(values, extra)]
+        for i, v in enumerate(tops):
             ax.annotate(f"{v:.3g}", (i, v), ha="center", va="bottom", fontsize="x-small")
         for j, b in enumerate(budgets.get(part, [])):
             ax.axhline(b.seconds, color=plt.get_cmap("Dark2")(j), linestyle="--", linewidth=1.2,
                        label=f"{b.name}: {b.seconds:g} s")
         ax.set_yscale("log")
+        ax.set_ylim(bottom=min(v for v in values if v > 0) / 4)  # plaintext bars are microseconds tall
         ax.set_title(title, fontsize="medium")
-        ax.legend(fontsize="x-small", frameon=False)
+        ax.legend(fontsize="x-small", frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
         _style(ax)
     fig.suptitle("Real-time budgets against measured latency (log scale)", fontweight="bold")
     fig.tight_layout()
