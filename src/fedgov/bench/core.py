@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BenchContext", "Timing", "fit_power_law", "percentile", "time_call", "time_paired"]
+__all__ = ["BenchContext", "Timing", "fit_power_law", "fmt", "percentile", "time_call", "time_paired"]
 
 
 @dataclass
@@ -127,3 +127,12 @@ def fit_power_law(xs: Iterable[float], ys: Iterable[float]) -> tuple[float, floa
         return math.nan, math.nan
     b = sum((p[0] - mx) * (p[1] - my) for p in pairs) / sxx
     return b, math.exp(my - b * mx)
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    """A number for a report table: ``digits`` significant digits, ``-`` for missing or NaN."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from .core import fmt
+
 __all__ = ["headline_rows", "render_report"]
 
 
@@ -22,14 +24,6 @@ def headline_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                             "client_ratio": r.get("client_seconds_ratio"), "server_ratio": r.get("server_seconds_ratio"),
                             "bytes_per_param": r["bytes_per_param"], "bytes_ratio": r.get("bytes_per_client_ratio")})
     return out
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.3g}"
-    return str(value)
 
 
 def render_report(results: dict[str, Any], figures: dict[str, list[str]]) -> str:
@@ -50,8 +44,8 @@ def render_report(results: dict[str, Any], figures: dict[str, list[str]]) -> str
                   "| mechanism | client time (x plain) | server time (x plain) | bytes/param | bytes (x plain) |",
                   "|---|---|---|---|---|"]
         for h in head:
-            lines.append(f"| {h['mechanism']} | {_fmt(h['client_ratio'])} | {_fmt(h['server_ratio'])} | "
-                         f"{h['bytes_per_param']:.2f} | {_fmt(h['bytes_ratio'])} |")
+            lines.append(f"| {h['mechanism']} | {fmt(h['client_ratio'])} | {fmt(h['server_ratio'])} | "
+                         f"{h['bytes_per_param']:.2f} | {fmt(h['bytes_ratio'])} |")
         lines.append("")
     for name, info in results.get("suites", {}).items():
         lines += [f"## Suite `{name}`", ""]

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ..core import BenchContext, fit_power_law, time_call, time_paired
+from ..core import BenchContext, fit_power_law, fmt, time_call, time_paired
 
 # Targets of fedgov's own code (issue: benchmark targets, not timed tests).
 TARGET_ENCRYPT_US_PER_PARAM_PER_CORE = 0.25
@@ -249,12 +249,7 @@ def _targets(rows: list[dict[str, Any]], *, cores: int) -> list[dict[str, Any]]:
 # ---- figures and report -------------------------------------------------------------------
 
 def figures(rows: list[dict[str, Any]], out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ...plots import _save, _style
+    from ...plots import _save, _style, plt  # fedgov.plots selects the Agg backend before pyplot loads
 
     meas = [r for r in rows if r.get("kind") == "measurement"]
     if not meas:
@@ -294,14 +289,6 @@ def figures(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     return [_save(fig, out / "aggregation.png", dpi=120)]
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}g}"
-    return str(value)
-
-
 def report(rows: list[dict[str, Any]]) -> str:
     meas = [r for r in rows if r.get("kind") == "measurement"]
     if not meas:
@@ -316,17 +303,17 @@ def report(rows: list[dict[str, Any]]) -> str:
         if r["params"] != biggest or r["clients"] != clients_fixed:
             continue
         ref = " (FLARE reference)" if r.get("reference") else ""
-        lines.append(f"| {_label(r)}{ref} | {_fmt(r['client_seconds'])} [{_fmt(r.get('client_seconds_ratio'))}x] "
-                     f"| {_fmt(r['server_seconds'])} [{_fmt(r.get('server_seconds_ratio'))}x] "
-                     f"| {_fmt(r['decrypt_seconds'])} | {r['bytes_per_param']:.2f} "
-                     f"| {_fmt(r.get('max_abs_error'))} |")
+        lines.append(f"| {_label(r)}{ref} | {fmt(r['client_seconds'])} [{fmt(r.get('client_seconds_ratio'))}x] "
+                     f"| {fmt(r['server_seconds'])} [{fmt(r.get('server_seconds_ratio'))}x] "
+                     f"| {fmt(r['decrypt_seconds'])} | {r['bytes_per_param']:.2f} "
+                     f"| {fmt(r.get('max_abs_error'))} |")
     fits = [r for r in rows if r.get("kind") == "fit" and r["metric"] == "server_seconds"]
     if fits:
         lines += ["", "Fitted scaling exponents of server aggregation time (cost ~ x^b):", "",
                   "| mechanism | b vs parameters | b vs clients |", "|---|---|---|"]
         for label in dict.fromkeys(_label(r) for r in fits):
             by = {r["against"]: r["exponent"] for r in fits if _label(r) == label}
-            lines.append(f"| {label} | {_fmt(by.get('params'))} | {_fmt(by.get('clients'))} |")
+            lines.append(f"| {label} | {fmt(by.get('params'))} | {fmt(by.get('clients'))} |")
     targets = [r for r in rows if r.get("kind") == "target"]
     if targets:
         lines += ["", "Targets for fedgov's own code:", "", "| preset | target | measured | limit | met |",

@@ -15,7 +15,6 @@ On CUDA the same cases also run on the CPU (``also_cpu``) so the report can comp
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ..core import BenchContext, time_call
+from ..core import BenchContext, fmt, time_call
 
 MODES = ("none", "hooks", "functorch", "ghost")
 FEATURES, CLASSES = 64, 10
@@ -182,12 +181,7 @@ def _ok(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def figures(rows: list[dict[str, Any]], out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ...plots import _save, _style
+    from ...plots import _save, _style, plt  # fedgov.plots selects the Agg backend before pyplot loads
 
     ok = _ok(rows)
     if not ok:
@@ -229,14 +223,6 @@ def figures(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     return [_save(fig, out / "dp_training.png", dpi=120)]
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}g}"
-    return str(value)
-
-
 def report(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "No DP training measurements.\n"
@@ -251,8 +237,8 @@ def report(rows: list[dict[str, Any]]) -> str:
         if r.get("error"):
             lines.append(f"| {r['device']} | {r['params']:,} | {r['mode']} | failed: {r['error'][:80]} | - | - |")
             continue
-        lines.append(f"| {r['device']} | {r['params']:,} | {r['mode']} | {_fmt(r['seconds_per_epoch'])} "
-                     f"| {_fmt(r['ratio_to_nondp'])} | {_fmt(r.get('peak_memory_mb'))} |")
+        lines.append(f"| {r['device']} | {r['params']:,} | {r['mode']} | {fmt(r['seconds_per_epoch'])} "
+                     f"| {fmt(r['ratio_to_nondp'])} | {fmt(r.get('peak_memory_mb'))} |")
     lines.append("")
     ok = _ok(rows)
     for device in dict.fromkeys(r["device"] for r in rows):

@@ -105,12 +105,7 @@ def run(spec: dict[str, Any], ctx: BenchContext) -> list[dict[str, Any]]:
 
 
 def figures(rows: list[dict[str, Any]], out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ...plots import _save, _style
+    from ...plots import _save, _style, plt  # fedgov.plots selects the Agg backend before pyplot loads
 
     rows = [r for r in rows if r.get("kind") == "round"]
     if not rows:
