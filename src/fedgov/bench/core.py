@@ -61,25 +61,27 @@ class Timing:
 
 
 def time_call(fn: Callable[[], Any], *, repeat: int = 5, warmup: int = 1, min_seconds: float = 0.0) -> Timing:
-    """Time ``fn()`` ``repeat`` times (more if ``min_seconds`` of samples are wanted) after ``warmup`` calls.
-
-    The garbage collector is paused around each call so that a collection does not land in one sample.
-    """
+    """Time ``fn()`` ``repeat`` times (more if ``min_seconds`` of samples are wanted) after ``warmup`` calls."""
     for _ in range(warmup):
         fn()
     samples: list[float] = []
     started = time.perf_counter()
     while len(samples) < repeat or (time.perf_counter() - started < min_seconds and len(samples) < 100_000):
-        enabled = gc.isenabled()
-        gc.disable()
-        try:
-            t0 = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - t0)
-        finally:
-            if enabled:
-                gc.enable()
+        samples.append(_timed(fn))
     return Timing(tuple(samples))
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    """Seconds of one call, with the garbage collector paused so a collection does not land in it."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def time_paired(a: Callable[[], Any], b: Callable[[], Any], *, repeat: int = 5, warmup: int = 1,
@@ -92,16 +94,8 @@ def time_paired(a: Callable[[], Any], b: Callable[[], Any], *, repeat: int = 5, 
     sb: list[float] = []
     started = time.perf_counter()
     while len(sa) < repeat or (time.perf_counter() - started < min_seconds and len(sa) < 100_000):
-        for fn, samples in ((a, sa), (b, sb)):
-            enabled = gc.isenabled()
-            gc.disable()
-            try:
-                t0 = time.perf_counter()
-                fn()
-                samples.append(time.perf_counter() - t0)
-            finally:
-                if enabled:
-                    gc.enable()
+        sa.append(_timed(a))
+        sb.append(_timed(b))
     return Timing(tuple(sa)), Timing(tuple(sb))
 
 

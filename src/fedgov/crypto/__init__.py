@@ -19,6 +19,7 @@ _HE_NAMES = (
     "SecretKeys",
     "aggregate",
     "bytes_per_param",
+    "check_parameters",
     "check_security",
     "decrypt_aggregate",
     "default_workers",
@@ -29,6 +30,7 @@ _HE_NAMES = (
     "max_abs_error",
     "plaintext_fedavg",
     "shutdown_workers",
+    "tenseal_direct_sum",
 )
 
 __all__ = list(_HE_NAMES)

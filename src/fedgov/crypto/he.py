@@ -85,6 +85,7 @@ __all__ = [
     "SecretKeys",
     "aggregate",
     "bytes_per_param",
+    "check_parameters",
     "check_security",
     "decrypt_aggregate",
     "default_workers",
@@ -221,15 +222,28 @@ class HEPreset:
         return preset
 
 
+def check_parameters(kind: str, name: Any, poly_modulus_degree: Any, coeff_mod_bit_sizes: Sequence[Any]) -> None:
+    """The checks every TenSEAL parameter set needs: a sane name, integer sizes, and 128-bit security."""
+    def bad(msg: str) -> HEError:
+        return HEError(f"{kind} {name!r}: {msg}")
+
+    if not (isinstance(name, str) and 0 < len(name) <= 64 and name.isascii()):
+        raise bad("the name must be 1-64 ASCII characters")
+    if not isinstance(poly_modulus_degree, int) or not all(isinstance(b, int) for b in coeff_mod_bit_sizes):
+        raise bad("poly_modulus_degree and coeff_mod_bit_sizes must be integers")
+    bound = SECURITY_128_MAX_COEFF_BITS.get(poly_modulus_degree)
+    if bound is None:
+        raise bad(f"poly_modulus_degree {poly_modulus_degree} is not in the security table "
+                  f"{sorted(SECURITY_128_MAX_COEFF_BITS)}")
+    total = sum(coeff_mod_bit_sizes)
+    if total > bound:
+        raise bad(f"coefficient modulus of {total} bits exceeds the 128-bit bound of {bound} bits "
+                  f"for N={poly_modulus_degree}")
+
+
 def check_security(preset: HEPreset) -> None:
     """Raise :class:`HEError` unless ``preset`` is within the 128-bit security table."""
-    bound = preset.security_bound_bits
-    if bound is None:
-        raise HEError(f"HE preset {preset.name!r}: poly_modulus_degree {preset.poly_modulus_degree} "
-                      f"is not in the security table {sorted(SECURITY_128_MAX_COEFF_BITS)}")
-    if preset.total_coeff_bits > bound:
-        raise HEError(f"HE preset {preset.name!r}: coefficient modulus of {preset.total_coeff_bits} bits "
-                      f"exceeds the 128-bit bound of {bound} bits for N={preset.poly_modulus_degree}")
+    check_parameters("HE preset", preset.name, preset.poly_modulus_degree, preset.coeff_mod_bit_sizes)
 
 
 def _is_prime(n: int) -> bool:
@@ -260,10 +274,7 @@ def _validate_preset(p: HEPreset) -> None:
     def bad(msg: str) -> HEError:
         return HEError(f"HE preset {p.name!r}: {msg}")
 
-    if not (isinstance(p.name, str) and 0 < len(p.name) <= 64 and p.name.isascii()):
-        raise bad("the name must be 1-64 ASCII characters")
-    if not isinstance(p.poly_modulus_degree, int) or not all(isinstance(b, int) for b in p.coeff_mod_bit_sizes):
-        raise bad("poly_modulus_degree and coeff_mod_bit_sizes must be integers")
+    check_security(p)
     if p.scheme not in ("ckks", "bfv"):
         raise bad(f"scheme must be 'ckks' or 'bfv', not {p.scheme!r}")
     if p.packing not in ("dense", "per-layer"):
@@ -274,7 +285,6 @@ def _validate_preset(p: HEPreset) -> None:
         raise bad("coeff_mod_bit_sizes needs at least two primes (the last is the special prime)")
     if not 1 <= p.max_clients <= 1_000_000:
         raise bad("max_clients must be in [1, 1e6]")
-    check_security(p)
     if p.scheme == "ckks":
         if p.scale_bits is None or not 20 <= p.scale_bits < p.coeff_mod_bit_sizes[0]:
             raise bad("CKKS needs scale_bits below the first prime's size")

@@ -68,7 +68,7 @@ import numpy as np
 import tenseal as ts
 from tenseal import sealapi
 
-from .he import SECURITY_128_MAX_COEFF_BITS, HEError
+from .he import HEError, check_parameters
 
 __all__ = [
     "DEFAULT_INFERENCE_PRESET",
@@ -145,17 +145,7 @@ def check_inference_preset(p: InferencePreset) -> None:
     def bad(msg: str) -> HEError:
         return HEError(f"inference preset {p.name!r}: {msg}")
 
-    if not (isinstance(p.name, str) and 0 < len(p.name) <= 64 and p.name.isascii()):
-        raise bad("the name must be 1-64 ASCII characters")
-    if not isinstance(p.poly_modulus_degree, int) or not all(isinstance(b, int) for b in p.coeff_mod_bit_sizes):
-        raise bad("poly_modulus_degree and coeff_mod_bit_sizes must be integers")
-    bound = SECURITY_128_MAX_COEFF_BITS.get(p.poly_modulus_degree)
-    if bound is None:
-        raise bad(f"poly_modulus_degree {p.poly_modulus_degree} is not in the security table "
-                  f"{sorted(SECURITY_128_MAX_COEFF_BITS)}")
-    if p.total_coeff_bits > bound:
-        raise bad(f"coefficient modulus of {p.total_coeff_bits} bits exceeds the 128-bit bound of {bound} bits "
-                  f"for N={p.poly_modulus_degree}")
+    check_parameters("inference preset", p.name, p.poly_modulus_degree, p.coeff_mod_bit_sizes)
     sizes = p.coeff_mod_bit_sizes
     if len(sizes) < 3:
         raise bad("needs at least three primes: result, one rescale, special")
