@@ -208,18 +208,21 @@ class HEPreset:
 
     @classmethod
     def from_json(cls, text: str) -> HEPreset:
-        try:
-            raw = json.loads(text)
-            if not isinstance(raw, dict):
-                raise TypeError("not an object")
-            raw["coeff_mod_bit_sizes"] = tuple(int(b) for b in raw["coeff_mod_bit_sizes"])
-            preset = cls(**raw)
-            _validate_preset(preset)
-        except HEError:
-            raise
-        except (TypeError, ValueError, KeyError, OverflowError) as e:
-            raise HEError(f"malformed HE preset description: {e}") from None
+        preset = preset_from_json(cls, text, "HE preset")
+        _validate_preset(preset)
         return preset
+
+
+def preset_from_json(cls: Any, text: str, kind: str) -> Any:
+    """A preset dataclass from its ``to_json`` text (untrusted: it travels with keys); not yet validated."""
+    try:
+        raw = json.loads(text)
+        if not isinstance(raw, dict):
+            raise TypeError("not an object")
+        raw["coeff_mod_bit_sizes"] = tuple(int(b) for b in raw["coeff_mod_bit_sizes"])
+        return cls(**raw)
+    except (TypeError, ValueError, KeyError, OverflowError) as e:
+        raise HEError(f"malformed {kind} description: {e}") from None
 
 
 def check_parameters(kind: str, name: Any, poly_modulus_degree: Any, coeff_mod_bit_sizes: Sequence[Any]) -> None:

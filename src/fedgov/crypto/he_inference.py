@@ -68,7 +68,7 @@ import numpy as np
 import tenseal as ts
 from tenseal import sealapi
 
-from .he import HEError, check_parameters
+from .he import HEError, check_parameters, preset_from_json
 
 __all__ = [
     "DEFAULT_INFERENCE_PRESET",
@@ -128,14 +128,7 @@ class InferencePreset:
 
     @classmethod
     def from_json(cls, text: str) -> InferencePreset:
-        try:
-            raw = json.loads(text)
-            if not isinstance(raw, dict):
-                raise TypeError("not an object")
-            raw["coeff_mod_bit_sizes"] = tuple(int(b) for b in raw["coeff_mod_bit_sizes"])
-            preset = cls(**raw)
-        except (TypeError, ValueError, KeyError, OverflowError) as e:
-            raise HEError(f"malformed inference preset description: {e}") from None
+        preset = preset_from_json(cls, text, "inference preset")
         check_inference_preset(preset)
         return preset
 
