@@ -18,6 +18,7 @@ resume a run, pass the same key back as ``private_key_bytes=``; where it is kept
 processes is the deployment's business (``fedgov.simulate`` keeps it outside the run dir).
 
     python -m fedgov.audit verify RUN_DIR    # exit 0 intact, 1 tampered, 2 nothing to verify
+    python -m fedgov.audit trace RUN_DIR [--share FILE ...]   # who pushed the model where (see governance.trace)
 """
 
 from __future__ import annotations
@@ -358,15 +359,25 @@ class AuditLog:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fedgov.audit", description="Check a run's signed audit trail.")
+    parser = argparse.ArgumentParser(prog="python -m fedgov.audit", description="Check a run's signed audit trail, and trace who pushed the model where.")
     sub = parser.add_subparsers(dest="command", required=True)
     p_verify = sub.add_parser("verify", help="check the chain and signatures of RUN_DIR/audit.jsonl")
     p_verify.add_argument("run_dir", metavar="RUN_DIR", type=Path)
     p_verify.add_argument("--public-key", metavar="HEX", help="the aggregator's public key, learnt out of band")
     p_verify.add_argument("--allow-incomplete", action="store_true",
                           help="accept a log without run_end (a run still in progress)")
+    p_trace = sub.add_parser("trace", help="rank cooperatives by how much their retained updates pushed the "
+                                           "model towards the misbehaviour")
+    p_trace.add_argument("run_dir", metavar="RUN_DIR", type=Path)
+    p_trace.add_argument("--share", dest="shares", action="append", default=[], type=Path, metavar="FILE",
+                         help="an oversight board member's escrow share (HE runs; repeat, one per member)")
+    p_trace.add_argument("--misbehaviour", default="auto",
+                         help="backdoor, label_flip or damage (default: from the run's attack.kind)")
+    p_trace.add_argument("--top", type=int, default=0, help="show only the first N cooperatives")
     args = parser.parse_args(argv)
 
+    if args.command == "trace":
+        return _trace_command(args)
     if args.command == "verify":
         try:
             result = verify(args.run_dir, args.public_key, require_end=not args.allow_incomplete)
@@ -380,6 +391,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2 if result.reason == "no audit log" else 1
     parser.error(f"unknown command {args.command}")
     return 2
+
+
+def _trace_command(args: argparse.Namespace) -> int:
+    """Exit 0 ranked, 1 ranked but some retained file does not match the log, 2 cannot trace."""
+    from fedgov.config import ConfigError
+    from fedgov.governance.trace import TraceError, trace
+    from fedgov.results import write_json
+
+    try:
+        result = trace(args.run_dir, shares=args.shares, misbehaviour=args.misbehaviour)
+    except (TraceError, ConfigError, OSError) as exc:
+        print(f"fedgov.audit trace: {exc}", file=sys.stderr)
+        return 2
+    write_json(args.run_dir / "trace.json", result.to_json())
+    rows = result.ranking[: args.top] if args.top > 0 else result.ranking
+    how = "escrow opened by the board's shares; " if result.escrow_opened else ""
+    print(f"trace of {args.run_dir} ({how}misbehaviour: {result.misbehaviour}); higher score = pushed more")
+    print(f"{'rank':>4}  {'cooperative':>11}  {'score':>10}  {'rounds':>6}  digests")
+    for row in rows:
+        digests = f"{row['digests_ok']} match" + (f", {row['digests_bad']} DO NOT" if row["digests_bad"] else "")
+        print(f"{row['rank']:>4}  {row['cooperative']:>11}  {row['score']:>10.4f}  {row['rounds']:>6}  {digests}")
+    for m in result.mismatches:
+        print(f"round {m['round']}: {m['file']} {m['problem']}", file=sys.stderr)
+    return 1 if result.mismatches else 0
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from .config import Config
 from .data import Cooperative, build_federation
 from .models import build_model
 from .privacy import UNIT_WEIGHT_KEY
+from .strategies.governance import WEIGHT_KEY
 from .task import TrainResult, evaluate, make_loader, resolve_device, train
 
 __all__ = ["app", "build_client_app"]
@@ -46,9 +47,25 @@ class _Node:
                 f"the run's {self.federation.num_cooperatives} cooperatives (data.num_cooperatives)")
         self.cooperative: Cooperative = self.federation.cooperatives[partition_id]
         self.device = resolve_device(cfg.runtime.device)
+        self.attackers: list[int] = []
+        if cfg.attack.fraction > 0 or cfg.attack.cooperatives:
+            from .attacks import select_attackers
+
+            self.attackers = select_attackers(self.federation.num_cooperatives, fraction=cfg.attack.fraction,
+                                              cooperatives=cfg.attack.cooperatives, seed=cfg.seed)
+        self.malicious = partition_id in self.attackers
         # Simulated clients share the machine's cores; one thread each avoids oversubscription
         # and keeps CPU results reproducible.
         torch.set_num_threads(1)
+
+    def claimed(self, num_examples: int) -> int:
+        """The data size this cooperative reports: a lying one overstates it (attack.size_claim).
+
+        Under HE a liar needs no false claim: it scales its update inside the ciphertext,
+        where the aggregator cannot see it (see ``_encrypted_reply``).
+        """
+        lies = self.malicious and self.config.secure.aggregation != "he"
+        return round(num_examples * self.config.attack.size_claim) if lies else num_examples
 
     def model_from(self, message: Message) -> torch.nn.Module:
         cfg = self.config
@@ -74,8 +91,8 @@ def _handle_query(message: Message, node: _Node) -> Message:
     content = RecordDict({
         "cooperative": MetricRecord({
             "partition-id": node.cooperative.id,
-            "num-examples": stats["num_examples"],
-            "num-train": stats["num_train"],
+            "num-examples": node.claimed(stats["num_examples"]),
+            "num-train": node.claimed(stats["num_train"]),
             "num-test": stats["num_test"],
             "label-counts": [int(c) for c in stats["label_counts"]],
         }),
@@ -89,13 +106,13 @@ CODE_DECLINED = 1001
 _LEDGER_KEY = "fedgov.privacy"
 
 
-def _train_private(model: torch.nn.Module, node: _Node, context: Context, seed: int
+def _train_private(model: torch.nn.Module, node: _Node, context: Context, seed: int, x: np.ndarray, y: np.ndarray
                    ) -> tuple[TrainResult, dict[str, float]]:
     """DP-SGD with a ledger that survives between rounds in ``context.state``."""
     from .privacy.accounting import PrivacyLedger, default_delta
     from .privacy.dp_sgd import plan_round, train_private
-    cfg, coop = node.config, node.cooperative
-    n = len(coop.train.y)
+    cfg = node.config
+    n = len(y)
     if _LEDGER_KEY in context.state:
         ledger = PrivacyLedger.from_json(str(context.state[_LEDGER_KEY]["ledger"]))
     else:
@@ -104,7 +121,7 @@ def _train_private(model: torch.nn.Module, node: _Node, context: Context, seed: 
     spend = plan_round(ledger, num_examples=n, batch_size=cfg.train.batch_size, epochs=cfg.train.local_epochs,
                        rounds=cfg.train.rounds, noise_multiplier=cfg.privacy.noise_multiplier,
                        target_epsilon=cfg.privacy.target_epsilon)  # raises BudgetExhausted
-    result = train_private(model, coop.train.x, coop.train.y, spend=spend, batch_size=cfg.train.batch_size,
+    result = train_private(model, x, y, spend=spend, batch_size=cfg.train.batch_size,
                            epochs=cfg.train.local_epochs, lr=cfg.train.lr, momentum=cfg.train.momentum,
                            max_grad_norm=cfg.privacy.max_grad_norm, grad_sample_mode=cfg.privacy.grad_sample_mode,
                            device=node.device, seed=seed)
@@ -131,18 +148,34 @@ def _train_model(model: torch.nn.Module, node: _Node, context: Context, round_co
     seed = cfg.seed * 1_000_003 + server_round * 1_009 + coop.id
     started = time.perf_counter()
     extra: dict[str, float] = {}
+    speed = _check_deadline(node)
+    if speed is not None:
+        extra["compute_speed"] = speed
+    x, y = coop.train.x, coop.train.y
+    attacking = _attacking(node, server_round)
+    if attacking:
+        from .attacks import poison_training_data, trigger_for
+
+        rng = np.random.default_rng([cfg.seed, server_round, coop.id, 0xBAD])
+        x, y = poison_training_data(cfg.attack.kind, x, y, num_classes=coop.num_classes,
+                                    target_label=cfg.attack.target_label,
+                                    trigger=trigger_for(node.federation, size=cfg.attack.trigger_size),
+                                    poison_fraction=cfg.attack.poison_fraction, rng=rng)
+        received = [t.detach().cpu().numpy().copy() for t in model.state_dict().values()]
     if cfg.strategy.name == "qfedavg":  # q-FedAvg needs the loss of the *received* model
-        extra["train_loss"] = evaluate(model, coop.train.x, coop.train.y, device=node.device).loss
+        extra["train_loss"] = evaluate(model, x, y, device=node.device).loss
     if cfg.privacy.dp == "sample":
-        result, privacy = _train_private(model, node, context, seed)
+        result, privacy = _train_private(model, node, context, seed, x, y)
         extra.update(privacy)
     else:
-        loader = make_loader(coop.train.x, coop.train.y, batch_size=cfg.train.batch_size, shuffle=True, seed=seed)
+        loader = make_loader(x, y, batch_size=cfg.train.batch_size, shuffle=True, seed=seed)
         result = train(model, loader, epochs=cfg.train.local_epochs, lr=cfg.train.lr,
                        momentum=cfg.train.momentum, device=node.device,
                        proximal_mu=float(round_config.get("proximal-mu", 0.0)))
+    if attacking:
+        _poison_model(model, received, node, server_round)
     return {
-        "num-examples": result.num_examples,
+        "num-examples": node.claimed(len(coop.train)),
         UNIT_WEIGHT_KEY: 1,
         "partition-id": coop.id,
         "local_loss": result.train_loss,
@@ -150,6 +183,49 @@ def _train_model(model: torch.nn.Module, node: _Node, context: Context, round_co
         "seconds_local_train": time.perf_counter() - started,
         **extra,
     }
+
+
+def _check_deadline(node: _Node) -> float | None:
+    """This cooperative's compute speed (None when all are equal); raises MissedDeadline when too slow."""
+    from .heterogeneity import MissedDeadline, compute_speeds, local_steps, misses_deadline
+
+    h, cfg = node.config.heterogeneity, node.config
+    if h.compute == "off" and h.deadline <= 0:
+        return None
+    coop = node.cooperative
+    speed = float(compute_speeds(h, node.federation.num_cooperatives, seed=cfg.seed)[coop.id])
+    steps = local_steps(num_examples=len(coop.train), batch_size=cfg.train.batch_size, epochs=cfg.train.local_epochs)
+    needed = misses_deadline(h, steps=steps, speed=speed)
+    if needed is not None:
+        raise MissedDeadline(f"cooperative {coop.id} missed the round deadline: its {steps} local steps take "
+                             f"{needed:.2f} s at compute speed {speed:.2g}, the deadline is {h.deadline:g} s")
+    return speed
+
+
+def _attacking(node: _Node, server_round: int) -> bool:
+    from .attacks import is_active
+
+    cfg = node.config
+    return cfg.attack.kind != "off" and is_active(kind=cfg.attack.kind, attacker=node.malicious,
+                                                   server_round=server_round, start_round=cfg.attack.start_round)
+
+
+def _poison_model(model: torch.nn.Module, received: list[np.ndarray], node: _Node, server_round: int) -> None:
+    """Replace the trained model by received + poisoned update (model replacement, noise)."""
+    from .attacks import poison_update
+    from .config import cohort_size
+
+    cfg = node.config
+    if cfg.attack.kind not in ("model_replacement", "noise"):
+        return
+    state = model.state_dict()
+    delta = [t.detach().cpu().numpy() - r for t, r in zip(state.values(), received)]
+    boost = cfg.attack.boost or cohort_size(cfg.strategy.fraction_train, node.federation.num_cooperatives) / max(
+        1, len(node.attackers))
+    rng = np.random.default_rng([cfg.seed, server_round, node.cooperative.id, 0x4015E])
+    poisoned = poison_update(cfg.attack.kind, delta, boost=boost, noise_std=cfg.attack.noise_std, rng=rng)
+    model.load_state_dict({name: torch.from_numpy(np.asarray(r + d, dtype=r.dtype))
+                           for (name, _), r, d in zip(state.items(), received, poisoned)})
 
 
 def _handle_train(message: Message, node: _Node, context: Context) -> Message:
@@ -182,11 +258,16 @@ def _encrypted_reply(message: Message, node: _Node, model: torch.nn.Module, metr
     received = [a.numpy() for a in message.content["arrays"].values()]
     trained = [t.detach().cpu().numpy() for t in model.state_dict().values()]
     delta = [(t - r).astype(np.float64) for t, r in zip(trained, received)]
-    cohort_examples = float(message.content["config"]["cohort-examples"])
-    weight = metrics["num-examples"] / cohort_examples
+    # The weight the aggregator assigned. A lying cooperative declares it, but scales its update
+    # inside the ciphertext by attack.size_claim: its influence grows and nobody can see it.
+    weight = float(message.content["config"]["he-weight"])
+    scale = node.config.attack.size_claim if node.malicious else 1.0
+    if scale != 1.0:
+        delta = [d * scale for d in delta]
     started = time.perf_counter()
     update = encrypt_update(delta, context=_he_context(node.config), weight=weight, workers=1)
-    metrics = {**metrics, "seconds_encrypt": time.perf_counter() - started, "he_weight": weight}
+    metrics = {**metrics, "seconds_encrypt": time.perf_counter() - started, "he_weight": weight,
+               "he_applied_weight": weight * scale}  # the latter: simulation ground truth, for measurement
     if update.num_clipped is not None:  # compact (quantized) preset only
         metrics["he_clipped"] = update.num_clipped
     records = {"he-update": ArrayRecord({"ciphertext": Array(update.to_numpy())}),
@@ -212,12 +293,14 @@ def _handle_decrypt(message: Message, node: _Node) -> Message:
 
 
 def _declines(cfg: Config) -> tuple[type[Exception], ...]:
-    """What makes a cooperative sit a round out: a spent DP-SGD budget (Opacus loaded only under DP-SGD)."""
-    if cfg.privacy.dp != "sample":
-        return ()
+    """What makes a cooperative sit a round out: a missed deadline, a spent DP-SGD budget."""
+    from .heterogeneity import MissedDeadline
+
+    if cfg.privacy.dp != "sample":  # Opacus is loaded only under DP-SGD
+        return (MissedDeadline,)
     from .privacy.dp_sgd import BudgetExhausted
 
-    return (BudgetExhausted,)
+    return (MissedDeadline, BudgetExhausted)
 
 
 def _handle_secagg(message: Message, context: Context, config: Config | None) -> Message | None:
@@ -251,6 +334,7 @@ def _handle_evaluate(message: Message, node: _Node) -> Message:
     metrics = MetricRecord({
         "num-examples": result.num_examples,
         UNIT_WEIGHT_KEY: 1,
+        WEIGHT_KEY: result.num_examples,  # strategies average evaluation metrics by the governance weight key
         "partition-id": coop.id,
         "eval_loss": result.loss,
         "eval_acc": result.accuracy,

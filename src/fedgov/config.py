@@ -33,6 +33,9 @@ __all__ = [
     "PrivacyConfig",
     "SecureConfig",
     "RuntimeConfig",
+    "GovernanceConfig",
+    "AttackConfig",
+    "HeterogeneityConfig",
     "load_config",
     "parse_override",
 ]
@@ -140,6 +143,56 @@ class SecureConfig:
 
 
 @dataclass
+class GovernanceConfig:
+    weighting: str = _spec("samples", choices=("samples", "equal", "sqrt", "capped"),
+                           doc="aggregation weight of each cooperative: by data size (FedAvg), one cooperative "
+                               "one vote, square root of size, or size capped at governance.cap")
+    cap: float = _spec(0.2, low=0.0, high=1.0, low_open=True,
+                       doc="largest share of the total weight one cooperative may hold (weighting = 'capped')")
+    max_update_norm: float = _spec(1000.0, low=0.0,
+                                   doc="reject a plaintext update whose change to the global model has a larger "
+                                       "L2 norm, as malformed (0 = no bound)")
+    clip_update_norm: float = _spec(0.0, low=0.0,
+                                    doc="defense: clip each plaintext update's change to this L2 norm before "
+                                        "aggregating (0 = off)")
+    retain_updates: bool = _spec(True, doc="keep every received update (the ciphertext under HE) with the run, "
+                                           "for python -m fedgov.audit trace")
+    board_size: int = _spec(5, low=2, high=255, doc="HE escrow: members of the oversight board holding key shares")
+    board_threshold: int = _spec(3, low=2, high=255,
+                                 doc="HE escrow: board shares needed to decrypt individual updates")
+
+
+@dataclass
+class AttackConfig:
+    kind: str = _spec("off", choices=("off", "label_flip", "backdoor", "model_replacement", "noise"),
+                      doc="what malicious cooperatives do")
+    fraction: float = _spec(0.0, low=0.0, high=1.0, doc="share of cooperatives that are malicious (seeded choice)")
+    cooperatives: str = _spec("", doc="comma-separated ids of the malicious cooperatives (overrides attack.fraction)")
+    start_round: int = _spec(1, low=1, doc="first round of the attack; before it attackers behave honestly (sleepers)")
+    target_label: int = _spec(0, low=0, doc="label the backdoor trigger should produce")
+    poison_fraction: float = _spec(0.5, low=0.0, high=1.0, low_open=True,
+                                   doc="backdoor: triggered copies added, as a share of the attacker's examples")
+    trigger_size: int = _spec(4, low=1, doc="backdoor: pixels (features) the trigger sets")
+    boost: float = _spec(0.0, low=0.0, doc="model_replacement: update scale (0 = cohort size / attackers)")
+    noise_std: float = _spec(1.0, low=0.0, low_open=True, doc="noise: std of the noise sent instead of an update")
+    size_claim: float = _spec(1.0, low=0.0, low_open=True,
+                              doc="factor by which malicious cooperatives overstate their data size (1 = honest)")
+
+
+@dataclass
+class HeterogeneityConfig:
+    compute: str = _spec("off", choices=("off", "tiers", "lognormal"),
+                         doc="cooperatives' compute speeds: all equal, tiers (heterogeneity.tiers) or log-normal")
+    tiers: str = _spec("1.0,0.3,0.1", doc="comma-separated relative speeds; cooperatives are dealt to tiers "
+                                          "in a seeded order")
+    sigma: float = _spec(1.0, low=0.0, low_open=True, doc="spread of log-normal speeds (std of the log)")
+    step_seconds: float = _spec(0.02, low=0.0, low_open=True,
+                                doc="simulated seconds of one local training step at speed 1")
+    deadline: float = _spec(0.0, low=0.0, doc="round deadline in simulated seconds: slower cooperatives miss "
+                                              "the round (0 = none)")
+
+
+@dataclass
 class RuntimeConfig:
     device: str = _spec("auto", choices=("auto", "cpu", "cuda"), doc="where clients train")
     client_cpus: float = _spec(1.0, low=0.0, low_open=True, doc="CPUs reserved per simulated client")
@@ -157,6 +210,9 @@ class Config:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     secure: SecureConfig = field(default_factory=SecureConfig)
+    governance: GovernanceConfig = field(default_factory=GovernanceConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    heterogeneity: HeterogeneityConfig = field(default_factory=HeterogeneityConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     # ---- conversions -------------------------------------------------------
@@ -182,6 +238,7 @@ class Config:
         payload = self.to_dict()
         payload["runtime"] = {k: v for k, v in payload["runtime"].items() if k == "device"}
         payload["secure"] = {k: v for k, v in payload["secure"].items() if k != "key_dir"}
+        payload["governance"] = {k: v for k, v in payload["governance"].items() if k != "retain_updates"}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
     def replace(self, **dotted: Any) -> Config:
@@ -279,8 +336,42 @@ def _cross_check(cfg: Config, where: str) -> None:
             raise ConfigError(f"{where}: secure.preset: {secure.preset!r} is not one of {', '.join(PRESETS)}")
     if secure.aggregation == "secagg+":
         _check_secagg(cfg, where)
+    _check_governance(cfg, where)
     if cfg.model.name == "cnn" and data.dataset != "digits":
         raise ConfigError(f"{where}: model.name: 'cnn' needs image data (data.dataset = 'digits')")
+
+
+def _check_governance(cfg: Config, where: str) -> None:
+    gov, secure = cfg.governance, cfg.secure
+    if gov.board_threshold > gov.board_size:
+        raise ConfigError(f"{where}: governance.board_threshold: {gov.board_threshold} shares cannot be collected "
+                          f"from a board of {gov.board_size} (governance.board_size)")
+    if gov.clip_update_norm > 0 and secure.aggregation != "off":
+        raise ConfigError(f"{where}: governance.clip_update_norm: the aggregator cannot clip updates that "
+                          f"secure.aggregation = {secure.aggregation!r} hides from it")
+    if gov.weighting != "samples" and secure.aggregation == "secagg+":
+        raise ConfigError(f"{where}: governance.weighting: SecAgg+ weights by data size inside the mask; "
+                          f"only 'samples' is available with secure.aggregation = 'secagg+'")
+    if gov.weighting in ("sqrt", "capped") and cfg.privacy.dp == "user":
+        raise ConfigError(f"{where}: governance.weighting: central DP (privacy.dp = 'user') is calibrated to an "
+                          f"unweighted mean; use 'equal' (or 'samples', which it turns into 'equal')")
+    attack = cfg.attack
+    if attack.cooperatives:
+        from .attacks import AttackError, select_attackers
+
+        num = cfg.data.num_cooperatives if cfg.data.partition != "natural" else 10_000
+        try:
+            select_attackers(num, fraction=attack.fraction, cooperatives=attack.cooperatives, seed=cfg.seed)
+        except AttackError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    if cfg.heterogeneity.compute == "tiers":
+        try:
+            speeds = [float(t) for t in cfg.heterogeneity.tiers.split(",")]
+        except ValueError:
+            speeds = []
+        if not speeds or min(speeds) <= 0:
+            raise ConfigError(f"{where}: heterogeneity.tiers: {cfg.heterogeneity.tiers!r} is not a comma-separated "
+                              f"list of positive speeds")
 
 
 def _check_secagg(cfg: Config, where: str) -> None:

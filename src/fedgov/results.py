@@ -13,20 +13,25 @@ from typing import Any
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
-__all__ = ["atomic_write_text", "write_json", "read_json", "write_jsonl", "read_jsonl", "new_run_dir"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "new_run_dir", "read_json", "read_jsonl", "write_json", "write_jsonl"]
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write to a temporary file beside ``path`` and rename it into place."""
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, *, mode: int | None = None) -> None:
+    """Bytes, atomically; ``mode`` (e.g. 0o600 for a key share) or readable by everyone."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are for everyone to read
+        os.chmod(tmp, mode if mode is not None else 0o666 & ~_UMASK)  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

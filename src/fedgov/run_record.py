@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -63,14 +64,36 @@ class Checkpoint:
         return Checkpoint(round=done, arrays=ArrayRecord({k: torch.from_numpy(v) for k, v in arrays.items()}))
 
 
+def mechanism(cfg: Config) -> dict[str, Any]:
+    """How updates were protected and combined: the audit log's answer to "under which rules"."""
+    return {"strategy": cfg.strategy.name, "weighting": cfg.governance.weighting,
+            "secure_aggregation": cfg.secure.aggregation,
+            "he_preset": cfg.secure.preset if cfg.secure.aggregation == "he" else None,
+            "dp": cfg.privacy.dp, "clip_update_norm": cfg.governance.clip_update_norm or None,
+            "max_update_norm": cfg.governance.max_update_norm or None}
+
+
 class RunRecord:
+    """Rows, summary, checkpoint and (with ``audit``) one signed audit record per round.
+
+    ``probe(arrays) -> dict`` adds measurements of each new global model to its row
+    (the attack success rate, say); ``ground_truth`` holds what only the simulation
+    knows (who the attackers are, compute speeds) and goes to the summary, never to
+    the audit log, which records only what the aggregator saw.
+    """
+
     def __init__(self, run_dir: Path, cfg: Config, *, cooperatives: dict[int, dict[str, Any]],
-                 num_parameters: int, device: str) -> None:
+                 num_parameters: int, device: str, audit: Any = None,
+                 probe: Callable[[ArrayRecord], dict[str, Any]] | None = None,
+                 ground_truth: dict[str, Any] | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.cfg = cfg
         self.cooperatives = dict(sorted(cooperatives.items()))
         self.num_parameters = num_parameters
         self.device = device
+        self.audit = audit
+        self.probe = probe
+        self.ground_truth = ground_truth or {}
         self.rows: list[dict[str, Any]] = []
         self.central_dp = None
         if cfg.privacy.dp == "user":
@@ -95,8 +118,14 @@ class RunRecord:
                                f"round {checkpoint.round}; cannot resume")
         self.resumed_from = checkpoint.round
 
-    def add_round(self, log: RoundLog | None, *, accuracy: float, loss: float) -> dict[str, Any]:
+    def add_round(self, log: RoundLog | None, *, accuracy: float, loss: float,
+                  arrays: ArrayRecord | None = None) -> dict[str, Any]:
+        from .governance.weighting import influence
+
         assert log is not None
+        rejected = {f["cooperative"] for f in log.failures if f.get("rejected")}
+        contributors = sorted(c for c in log.participants if c not in rejected)
+        weights = {str(c): w for c, w in sorted(log.weights.items())}
         coop_acc = {str(c): m["eval_acc"] for c, m in sorted(log.client_eval.items()) if "eval_acc" in m}
         local_seconds = [m.get("seconds_local_train", 0.0) for m in log.client_train.values()]
         row = {
@@ -106,8 +135,11 @@ class RunRecord:
             "seconds": time.perf_counter() - log.started,
             "bytes_up": log.bytes_up,
             "bytes_down": log.bytes_down,
-            "participants": len(log.participants),
+            "participants": len(contributors),
             "sampled": log.sampled,
+            "contributors": contributors,
+            "weights": weights,
+            "influence": influence(list(weights.values())) if weights else None,
             "failures": log.failures,
             "phase_seconds": {
                 "train": log.seconds_train,
@@ -122,11 +154,46 @@ class RunRecord:
                if k in ("worst", "std")},
             **log.extra,
         }
+        if log.applied_weights:  # HE: the weights clients applied, which the aggregator cannot see
+            applied = {str(c): w for c, w in sorted(log.applied_weights.items())}
+            row["applied_weights"] = applied
+            row["applied_influence"] = influence(list(applied.values()))
+            row["applied_weight_sum"] = float(sum(applied.values()))
         if self.central_dp is not None:
             row["epsilon"] = self.central_dp.epsilon_after(log.round)
+        if self.probe is not None and arrays is not None:
+            row.update(self.probe(arrays))
         self.rows.append(row)
         write_jsonl(self.run_dir / "metrics.jsonl", self.rows)
+        if self.audit is not None:
+            self.audit.append("round", self._audit_body(row, log, arrays))
         return row
+
+    def _epsilon_so_far(self) -> float | None:
+        if self.cfg.privacy.dp == "user":
+            return self.rows[-1].get("epsilon") if self.rows else None
+        if self.cfg.privacy.dp == "sample":
+            return max((m["dp_epsilon"] for r in self.rows for m in r["client_train"].values()
+                        if "dp_epsilon" in m), default=0.0)
+        return None
+
+    def _audit_body(self, row: dict[str, Any], log: RoundLog, arrays: ArrayRecord | None) -> dict[str, Any]:
+        from .audit import digest_arrays
+
+        hidden = self.cfg.secure.aggregation == "secagg+"
+        return {
+            "round": row["round"],
+            "mechanism": mechanism(self.cfg),
+            "sampled": row["sampled"],
+            "participants": row["contributors"],
+            # Under HE the digest is of the ciphertext as received; SecAgg+ leaves nothing per cooperative.
+            "updates": None if hidden else {str(c): d for c, d in sorted(log.update_digests.items())},
+            "weights": row["weights"],
+            "global_model": digest_arrays([a.numpy() for a in arrays.values()]) if arrays is not None else None,
+            "dp_epsilon": self._epsilon_so_far(),
+            "rejected": [f for f in row["failures"] if f.get("rejected")],
+            "missed": [f for f in row["failures"] if not f.get("rejected")],
+        }
 
     def save_checkpoint(self, arrays: ArrayRecord) -> None:
         names = list(arrays.keys())
@@ -145,12 +212,13 @@ class RunRecord:
         rounds = max(len(self.rows), 1)
         cooperatives = []
         for coop_id, stats in self.cooperatives.items():
-            took_part = sum(str(coop_id) in r["client_train"] for r in self.rows)
+            took_part = sum(coop_id in r.get("contributors", []) for r in self.rows)
             privacy = self._last_privacy(coop_id)
             if self.central_dp is not None and self.rows:  # the same guarantee for every cooperative
                 privacy = {"dp_epsilon": self.rows[-1]["epsilon"], "dp_delta": self.central_dp.delta,
                            "dp_noise_multiplier": self.central_dp.noise_multiplier}
-            cooperatives.append({**stats, "accuracy": final_acc.get(str(coop_id)),
+            truth = {k: v[coop_id] for k, v in self.ground_truth.get("per_cooperative", {}).items()}
+            cooperatives.append({**stats, **truth, "accuracy": final_acc.get(str(coop_id)),
                                  "participation": took_part / rounds,
                                  "epsilon": privacy.get("dp_epsilon"), "delta": privacy.get("dp_delta"),
                                  "noise_multiplier": privacy.get("dp_noise_multiplier")})
@@ -178,7 +246,17 @@ class RunRecord:
             "cooperatives": cooperatives,
             "fairness": fairness(accuracies),
             "privacy": self._privacy_block(cooperatives),
+            "influence": self._influence_block(),
         }
+        if cfg.attack.kind != "off" or cfg.attack.size_claim != 1.0:
+            summary["attack"] = self._attack_block()
+        if cfg.heterogeneity.compute != "off" or cfg.heterogeneity.deadline > 0:
+            summary["compute"] = self._compute_block(cooperatives)
+        if self.audit is not None:
+            from .audit import LOG_NAME, PUBLIC_KEY_NAME
+
+            summary["audit"] = {"log": LOG_NAME, "public_key": self.audit.public_key_hex,
+                                "public_key_file": PUBLIC_KEY_NAME, "records": self.audit.seq + 1}
         if cfg.secure.aggregation == "secagg+":
             from .crypto.secagg import summary_block
 
@@ -192,6 +270,46 @@ class RunRecord:
                 "max_abs_error": max(errors) if errors else None,
             }
         return summary
+
+    def _influence_block(self) -> dict[str, Any]:
+        from .governance.weighting import mean_influence
+
+        block: dict[str, Any] = {"weighting": self.cfg.governance.weighting,
+                                 **mean_influence([r["influence"] for r in self.rows if r.get("influence")])}
+        applied = [r["applied_influence"] for r in self.rows if r.get("applied_influence")]
+        if applied:  # HE: what the clients actually applied (known to the simulation, not the aggregator)
+            block["applied"] = mean_influence(applied)
+            block["applied_weight_sum"] = float(np.mean([r["applied_weight_sum"] for r in self.rows
+                                                         if "applied_weight_sum" in r]))
+        return block
+
+    def _attack_block(self) -> dict[str, Any]:
+        a = self.cfg.attack
+        series = [r.get("attack_success_rate") for r in self.rows]
+        return {"kind": a.kind, "attackers": self.ground_truth.get("attackers", []),
+                "start_round": a.start_round, "target_label": a.target_label, "size_claim": a.size_claim,
+                "success_rate": series[-1] if series else None,
+                "success_rate_by_round": series,
+                "clean_accuracy_by_round": [r["accuracy"] for r in self.rows]}
+
+    def _compute_block(self, cooperatives: list[dict[str, Any]]) -> dict[str, Any]:
+        h = self.cfg.heterogeneity
+        speeds = {c["id"]: c.get("compute_speed", 1.0) for c in cooperatives}
+        slowest_speed = min(speeds.values(), default=1.0)
+        slow = [c for c in cooperatives if c.get("compute_speed", 1.0) <= slowest_speed]
+        rest = [c for c in cooperatives if c not in slow]
+
+        def mean(values: list[Any]) -> float | None:
+            values = [v for v in values if v is not None]
+            return float(np.mean(values)) if values else None
+
+        return {"mode": h.compute, "deadline": h.deadline or None,
+                "slowest": [c["id"] for c in slow], "slowest_speed": slowest_speed,
+                "slowest_participation": mean([c["participation"] for c in slow]),
+                "slowest_accuracy": mean([c["accuracy"] for c in slow]),
+                "others_participation": mean([c["participation"] for c in rest]),
+                "others_accuracy": mean([c["accuracy"] for c in rest]),
+                "missed": sum(1 for r in self.rows for f in r["failures"] if "deadline" in f.get("reason", ""))}
 
     def _last_privacy(self, coop_id: int) -> dict[str, float]:
         for row in reversed(self.rows):
@@ -230,7 +348,13 @@ class RunRecord:
             })
         return block
 
-    def finish(self, *, wall_seconds: float) -> dict[str, Any]:
+    def finish(self, *, wall_seconds: float, arrays: ArrayRecord | None = None) -> dict[str, Any]:
         summary = self.summary(wall_seconds=wall_seconds)
+        if self.audit is not None:
+            from .audit import digest_arrays
+
+            self.audit.append("run_end", {
+                "rounds": len(self.rows), "final_accuracy": summary["final_accuracy"],
+                "global_model": digest_arrays([a.numpy() for a in arrays.values()]) if arrays is not None else None})
         write_json(self.run_dir / "summary.json", summary)
         return summary

@@ -8,6 +8,8 @@ global test set, and the run directory (``fedgov.run_record``).
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from collections.abc import Callable
 from logging import INFO
@@ -19,12 +21,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
+from .audit import LOG_NAME, AuditError, AuditLog
 from .config import Config
 from .data import build_federation
+from .governance.archive import UpdateArchive
 from .models import build_model, count_parameters
-from .results import new_run_dir
-from .run_record import Checkpoint, RunRecord
-from .strategies import CohortSampler, RoundRecorder, build_strategy
+from .results import atomic_write_bytes, new_run_dir
+from .run_record import Checkpoint, RunRecord, mechanism
+from .strategies import CohortSampler, RoundRecorder, build_strategy, govern
 from .task import evaluate, resolve_device
 
 __all__ = ["app", "build_server_app", "run_federation", "FederationError"]
@@ -89,9 +93,14 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, *,
 
     model = build_model(cfg.model.name, input_shape=federation.input_shape,
                         num_classes=federation.num_classes, hidden=cfg.model.hidden, seed=cfg.seed)
-    record = RunRecord(run_dir, cfg, cooperatives=coop_stats, num_parameters=count_parameters(model),
-                       device=str(device))
+    test = federation.global_test
+    probe = _attack_probe(cfg, federation, model, device)
     checkpoint = Checkpoint.load(run_dir)
+    if cfg.secure.aggregation == "he":
+        _copy_escrow(Path(cfg.secure.key_dir), run_dir)
+    audit = open_audit(run_dir, cfg, cooperatives=coop_stats, resuming=checkpoint is not None)
+    record = RunRecord(run_dir, cfg, cooperatives=coop_stats, num_parameters=count_parameters(model),
+                       device=str(device), audit=audit, probe=probe, ground_truth=_ground_truth(cfg, federation))
     if checkpoint is not None:
         record.restore(checkpoint)
         initial_arrays = checkpoint.arrays
@@ -101,9 +110,12 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, *,
     if done >= cfg.train.rounds:
         return record
 
+    archive = UpdateArchive(run_dir) if cfg.governance.retain_updates else None
     strategy = build_strategy(cfg)
-    he = None
-    if cfg.secure.aggregation == "he":
+    he = governed = None
+    if cfg.secure.aggregation == "off":
+        governed = strategy = govern(strategy, cfg, node_to_cooperative=node_to_coop, archive=archive)
+    elif cfg.secure.aggregation == "he":
         from .crypto.keys import AGGREGATOR_CONTEXT
         from .strategies.secure_he import HESecureAggregation
 
@@ -113,11 +125,12 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, *,
                                   f"(python -m fedgov.crypto.keys DIR --preset {cfg.secure.preset})")
         he = strategy = HESecureAggregation(
             strategy, key_dir=key_dir, key_holder=cfg.secure.key_holder, node_to_cooperative=node_to_coop,
-            examples={c: s["num_train"] for c, s in coop_stats.items()}, verify=cfg.secure.verify)
+            examples={c: s["num_train"] for c, s in coop_stats.items()}, verify=cfg.secure.verify,
+            policy=cfg.governance.weighting, cap=cfg.governance.cap, archive=archive)
     recorder = RoundRecorder(strategy, node_to_cooperative=node_to_coop,
                              sampler=CohortSampler(seed=cfg.seed, fraction=cfg.strategy.fraction_train),
                              round_offset=done)
-    test = federation.global_test
+    latest = {"arrays": initial_arrays}
 
     def global_metrics(arrays: ArrayRecord) -> tuple[float, float]:
         """Accuracy and loss of a global model on the server-held global test set."""
@@ -130,7 +143,10 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, *,
         if server_round > 0:  # Flower's round 0 is the starting model
             if he is not None:
                 _note_he_round(recorder.current, he.last)
-            row = record.add_round(recorder.current, accuracy=accuracy, loss=loss)
+            if governed is not None:
+                _note_governance(recorder.current, governed.last)
+            latest["arrays"] = arrays
+            row = record.add_round(recorder.current, accuracy=accuracy, loss=loss, arrays=arrays)
             record.save_checkpoint(arrays)
             if on_round is not None:
                 on_round(row)
@@ -139,25 +155,126 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, *,
     if cfg.secure.aggregation == "secagg+":  # Flower's SecAgg+ lives on its legacy stack: fedgov.crypto.secagg
         from .crypto.secagg import run_secagg_rounds
 
-        run_secagg_rounds(grid, cfg, initial_arrays=initial_arrays, node_to_cooperative=node_to_coop,
+        latest["arrays"] = run_secagg_rounds(grid, cfg, initial_arrays=initial_arrays, node_to_cooperative=node_to_coop,
                           sampler=recorder.sampler, record=record, evaluate_fn=global_metrics,
                           round_offset=done, on_round=on_round)
     else:
         recorder.start(grid, initial_arrays, num_rounds=cfg.train.rounds - done,
                        evaluate_fn=central_evaluate)
-    record.finish(wall_seconds=time.perf_counter() - wall_start)
+    record.finish(wall_seconds=time.perf_counter() - wall_start, arrays=latest["arrays"])
     return record
+
+
+def _audit_key_path(run_dir: Path) -> Path:
+    # The signing key must survive a crash to resume the log, but not sit in the run dir it signs.
+    return run_dir.resolve().parent / ".audit-keys" / f"{run_dir.name}.ed25519"
+
+
+def open_audit(run_dir: Path, cfg: Config, *, cooperatives: dict[int, dict[str, Any]], resuming: bool) -> AuditLog:
+    """Start (or, on resume, continue) the run's signed audit log."""
+    key_path = _audit_key_path(run_dir)
+    if (run_dir / LOG_NAME).is_file():
+        if not key_path.is_file():
+            raise FederationError(f"{run_dir / LOG_NAME} exists but its signing key {key_path} is gone; "
+                                  f"cannot continue the audit trail")
+        try:
+            audit = AuditLog(run_dir, private_key_bytes=key_path.read_bytes())
+        except AuditError as exc:
+            raise FederationError(str(exc)) from None
+        audit.append("run_resume", {"from_round": _checkpoint_round(run_dir) if resuming else 0})
+        return audit
+    audit = AuditLog(run_dir)
+    key_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(audit.private_key_bytes)
+    escrow = None
+    if cfg.secure.aggregation == "he":
+        escrow_meta = run_dir / "escrow" / "escrow.json"
+        escrow = json.loads(escrow_meta.read_text()) if escrow_meta.is_file() else None
+    audit.append("run_start", {
+        "config_hash": cfg.hash(), "config": cfg.to_flat(), "mechanism": mechanism(cfg),
+        "cooperatives": {str(c): {"name": s["name"], "claimed_train_examples": s["num_train"]}
+                         for c, s in sorted(cooperatives.items())},
+        "escrow": escrow})
+    return audit
+
+
+def _checkpoint_round(run_dir: Path) -> int:
+    checkpoint = Checkpoint.load(run_dir)
+    return checkpoint.round if checkpoint is not None else 0
+
+
+def _copy_escrow(key_dir: Path, run_dir: Path) -> None:
+    """The sealed key the oversight board can open travels with the run; the board's shares do not."""
+    from .crypto.keys import ESCROW_DIR
+
+    source = key_dir / ESCROW_DIR
+    if not source.is_dir():
+        return
+    target = run_dir / ESCROW_DIR
+    target.mkdir(parents=True, exist_ok=True)
+    for path in source.iterdir():
+        if path.is_file():
+            atomic_write_bytes(target / path.name, path.read_bytes())
+
+
+def _ground_truth(cfg: Config, federation: Any) -> dict[str, Any]:
+    """What only the simulation knows: the attackers and every cooperative's compute speed."""
+    from .attacks import select_attackers
+    from .heterogeneity import compute_speeds
+
+    speeds = compute_speeds(cfg.heterogeneity, federation.num_cooperatives, seed=cfg.seed)
+    attackers = select_attackers(federation.num_cooperatives, fraction=cfg.attack.fraction,
+                                 cooperatives=cfg.attack.cooperatives, seed=cfg.seed)
+    per_cooperative: dict[str, dict[int, Any]] = {"malicious": {c: c in attackers for c in
+                                                               range(federation.num_cooperatives)}}
+    if cfg.heterogeneity.compute != "off":
+        per_cooperative["compute_speed"] = {c: float(v) for c, v in enumerate(speeds)}
+    return {"attackers": attackers, "per_cooperative": per_cooperative}
+
+
+def _attack_probe(cfg: Config, federation: Any, model: torch.nn.Module, device: torch.device
+                  ) -> Callable[[ArrayRecord], dict[str, Any]] | None:
+    """The attack success rate of each new global model on the global test set."""
+    if cfg.attack.kind == "off":
+        return None
+    from .attacks import success_rate, trigger_for
+
+    trigger = trigger_for(federation, size=cfg.attack.trigger_size)
+    test = federation.global_test
+
+    def probe(arrays: ArrayRecord) -> dict[str, Any]:
+        model.load_state_dict(arrays.to_torch_state_dict())
+        return {"attack_success_rate": success_rate(
+            cfg.attack.kind, model, test.x, test.y, trigger=trigger, target_label=cfg.attack.target_label,
+            num_classes=federation.num_classes, device=device)}
+
+    return probe
+
+
+def _note_governance(log: Any, measured: dict[str, Any]) -> None:
+    """Put what the governance wrapper saw into the round log (rejections, weights, digests)."""
+    log.failures.extend(measured.get("rejected", []))
+    log.weights = dict(measured.get("weights", {}))
+    log.update_digests = dict(measured.get("digests", {}))
+    if measured.get("clipped"):
+        log.extra["clipped_updates"] = list(measured["clipped"])
 
 
 def _note_he_round(log: Any, measured: dict[str, Any]) -> None:
     """Put what the HE aggregator measured into the round log (phases, bytes, rejected updates)."""
-    log.failures.extend(measured.get("rejected", []))
+    _note_governance(log, measured)
+    declared = sum(log.weights.values())
+    if declared > 0:  # what the clients applied inside their ciphertexts, as shares of the declared total
+        log.applied_weights = {c: float(m["he_applied_weight"]) / declared for c, m in log.client_train.items()
+                               if "he_applied_weight" in m and c in log.weights}
     log.extra_phase_seconds.update({
         "encrypt_max": max((m.get("seconds_encrypt", 0.0) for m in log.client_train.values()), default=0.0),
         "he_aggregate": measured.get("seconds_he_aggregate", 0.0),
         "decrypt": measured.get("seconds_decrypt", 0.0),
     })
-    log.extra["he"] = {k: v for k, v in measured.items() if k != "rejected"}
+    log.extra["he"] = {k: v for k, v in measured.items() if k not in ("rejected", "digests", "weights")}
 
 
 def build_server_app(config: Config | None = None, run_dir: Path | None = None,

@@ -56,7 +56,8 @@ def simulate(cfg: Config, run_dir: Path, *, show_progress: bool = True, verbose:
     if cfg.secure.aggregation == "he":  # out-of-band key distribution, before anyone starts
         from .crypto.keys import provision
 
-        provision(cfg.secure.key_dir, preset=cfg.secure.preset, key_holder=cfg.secure.key_holder)
+        provision(cfg.secure.key_dir, preset=cfg.secure.preset, key_holder=cfg.secure.key_holder,
+                  board_size=cfg.governance.board_size, board_threshold=cfg.governance.board_threshold)
     with RoundProgress(total=cfg.train.rounds, enabled=show_progress) as progress:
         run_simulation(
             server_app=build_server_app(cfg, run_dir, on_round=progress.update),

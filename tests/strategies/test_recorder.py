@@ -8,7 +8,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedgov.config import Config
-from fedgov.strategies import STRATEGIES, CohortSampler, RoundRecorder, build_strategy
+from fedgov.strategies import STRATEGIES, CohortSampler, RoundRecorder, build_strategy, govern
 
 NODES = {1001 + 7 * i: i for i in range(6)}  # node id -> cooperative id
 
@@ -44,7 +44,10 @@ def _replies(messages, scale=0.1):
 
 
 def _recorder(cfg, **kw):
-    return RoundRecorder(build_strategy(cfg), node_to_cooperative=NODES,
+    strategy = build_strategy(cfg)
+    if cfg.secure.aggregation == "off":  # as the server does: the governance policy sets the weights
+        strategy = govern(strategy, cfg, node_to_cooperative=NODES)
+    return RoundRecorder(strategy, node_to_cooperative=NODES,
                          sampler=CohortSampler(seed=cfg.seed, fraction=cfg.strategy.fraction_train), **kw)
 
 

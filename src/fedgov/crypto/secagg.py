@@ -533,7 +533,12 @@ def run_secagg_rounds(grid: Grid, cfg: Config, *, initial_arrays: ArrayRecord, n
         if s.verify:
             block.update(_verification(state, cfg=cfg))
         log.extra = {"secure_aggregation": block}
-        row = record.add_round(log, accuracy=accuracy, loss=loss)
+        if state.halted_at is None:  # the weights applied inside the mask, as the aggregator knows them
+            applied = {c: _effective_weight(state.num_examples[c], state.max_weight, s.secagg_quantization_range)
+                       for c in log.participants if c in state.num_examples}
+            total = sum(applied.values())
+            log.weights = {c: w / total for c, w in applied.items()} if total > 0 else {}
+        row = record.add_round(log, accuracy=accuracy, loss=loss, arrays=arrays)
         record.save_checkpoint(arrays)
         tracker.current = None
         if on_round is not None:

@@ -8,9 +8,11 @@ from flwr.serverapp import strategy as flwr_strategy
 
 from ..config import ROBUST_STRATEGIES, Config
 from ..config import cohort_size as cohort_of
+from .governance import WEIGHT_KEY, GovernedAggregation
 from .recorder import CohortSampler, RoundRecorder
 
-__all__ = ["STRATEGIES", "ROBUST_STRATEGIES", "build_strategy", "cohort_size", "RoundRecorder", "CohortSampler"]
+__all__ = ["STRATEGIES", "ROBUST_STRATEGIES", "build_strategy", "cohort_size", "RoundRecorder", "CohortSampler",
+           "GovernedAggregation", "WEIGHT_KEY", "govern"]
 
 # fedgov samples the cohort itself (seeded) and hands the inner strategy only the
 # sampled nodes, so every Flower strategy is told to take all the nodes it is shown.
@@ -23,7 +25,8 @@ def _common(cfg: Config) -> dict:
         from ..privacy.central import UNIT_WEIGHT_KEY
 
         return {**_TAKE_ALL, "weighted_by_key": UNIT_WEIGHT_KEY}
-    return dict(_TAKE_ALL)
+    # GovernedAggregation writes the governance policy's weight into every accepted reply.
+    return {**_TAKE_ALL, "weighted_by_key": WEIGHT_KEY}
 
 
 STRATEGIES: dict[str, Callable[[Config], flwr_strategy.Strategy]] = {
@@ -54,3 +57,12 @@ def build_strategy(cfg: Config) -> flwr_strategy.Strategy:
 
         strategy = central_dp(cfg, cohort_size=cohort_size(cfg)).wrap(strategy)
     return strategy
+
+
+def govern(strategy: flwr_strategy.Strategy, cfg: Config, *, node_to_cooperative: dict[int, int],
+           archive: object | None = None) -> GovernedAggregation:
+    """Wrap a plaintext strategy in the governance policy: validation, weights, clipping, digests."""
+    g = cfg.governance
+    return GovernedAggregation(strategy, policy=g.weighting, cap=g.cap, max_update_norm=g.max_update_norm,
+                               clip_update_norm=g.clip_update_norm, node_to_cooperative=node_to_cooperative,
+                               archive=archive, set_weights=cfg.privacy.dp != "user")

@@ -75,6 +75,10 @@ class RoundLog:
     seconds_train: float = 0.0
     seconds_aggregate: float = 0.0
     seconds_evaluate: float = 0.0
+    # Aggregation weight and digest of each accepted update (filled by the governance or HE wrapper).
+    weights: dict[int, float] = field(default_factory=dict)
+    applied_weights: dict[int, float] = field(default_factory=dict)  # HE: what clients applied themselves
+    update_digests: dict[int, str] = field(default_factory=dict)
     # Scheme-specific measurements (e.g. secure aggregation): more phases, more row keys.
     extra_phase_seconds: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)

@@ -1,10 +1,10 @@
 """Homomorphic-encryption aggregation as a strategy wrapper.
 
 The wrapped Flower strategy (FedAvg or FedProx) still picks the messages; this
-wrapper tells each cooperative the cohort's total size, so that every
-cooperative weights its own update by ``n_k / n_cohort`` *before* encrypting it,
-sums the ciphertexts with a public context, and has a key holder decrypt only
-the sum:
+wrapper tells each cooperative its aggregation weight under the governance policy
+(``governance.weighting``, from the sizes the cooperatives claimed), so that every
+cooperative weights its own update *before* encrypting it, sums the ciphertexts
+with a public context, and has a key holder decrypt only the sum:
 
 - key holder ``clients``: one participating cooperative decrypts (a QUERY
   message), as NVIDIA FLARE's clients do;
@@ -49,7 +49,8 @@ class Custodian:
 
 class HESecureAggregation(Strategy):
     def __init__(self, inner: Strategy, *, key_dir: Path, key_holder: str, examples: dict[int, int],
-                 node_to_cooperative: dict[int, int], verify: bool) -> None:
+                 node_to_cooperative: dict[int, int], verify: bool, policy: str = "samples", cap: float = 1.0,
+                 archive: Any = None) -> None:
         from ..crypto import PublicContext
         from ..crypto.keys import AGGREGATOR_CONTEXT
 
@@ -59,6 +60,10 @@ class HESecureAggregation(Strategy):
         self.examples = examples
         self.node_to_cooperative = node_to_cooperative
         self.verify = verify
+        self.policy = policy
+        self.cap = cap
+        self.archive = archive
+        self._weights: dict[int, float] = {}
         self._grid: Grid | None = None
         self._current: list[np.ndarray] = []
         self._keys: list[str] = []
@@ -72,10 +77,15 @@ class HESecureAggregation(Strategy):
         self._grid = grid
         self._keys = list(arrays.keys())
         self._current = [a.numpy() for a in arrays.values()]
+        from .governance import policy_weight_map
+
+        if self.archive is not None:
+            self.archive.save_arrays(server_round, "global", self._current)
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
-        cohort = sum(self.examples[self.node_to_cooperative[m.metadata.dst_node_id]] for m in messages)
+        cohort = [self.node_to_cooperative[m.metadata.dst_node_id] for m in messages]
+        self._weights = policy_weight_map(self.policy, {c: self.examples[c] for c in cohort}, cap=self.cap)
         for message in messages:
-            message.content["config"]["cohort-examples"] = cohort
+            message.content["config"]["he-weight"] = self._weights[self.node_to_cooperative[message.metadata.dst_node_id]]
         return messages
 
     def _decrypt(self, aggregate: Any, participants: list[Message]) -> tuple[list[np.ndarray], float]:
@@ -94,19 +104,29 @@ class HESecureAggregation(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        from ..audit import digest_bytes
         from ..crypto import EncryptedUpdate, HEError, aggregate
 
         accepted, updates, rejected = [], [], []
+        digests: dict[int, str] = {}
         for reply in replies:
             if reply.has_error():
                 continue
+            coop = self.node_to_cooperative.get(reply.metadata.src_node_id, -1)
             try:
-                updates.append(EncryptedUpdate.from_bytes(reply.content["he-update"]["ciphertext"].numpy()))
+                blob = reply.content["he-update"]["ciphertext"].numpy()
+                updates.append(EncryptedUpdate.from_bytes(blob))
                 accepted.append(reply)
-            except (HEError, KeyError) as exc:  # malformed ciphertext: reject, record, go on
-                rejected.append({"cooperative": self.node_to_cooperative.get(reply.metadata.src_node_id, -1),
-                                 "reason": f"rejected HE update: {exc}"})
-        self.last = {"rejected": rejected}
+            except (HEError, KeyError, ValueError) as exc:  # malformed ciphertext: reject, record, go on
+                rejected.append({"cooperative": coop, "reason": f"rejected HE update: {exc}", "rejected": True})
+                continue
+            data = np.ascontiguousarray(blob).tobytes()
+            digests[coop] = digest_bytes(data)
+            if self.archive is not None:
+                self.archive.save_bytes(server_round, f"coop_{coop:03d}", data)
+        contributors = [self.node_to_cooperative.get(r.metadata.src_node_id, -1) for r in accepted]
+        self.last = {"rejected": rejected, "digests": digests,
+                     "weights": {c: self._weights[c] for c in contributors if c in self._weights}}
         if not updates:
             return None, None
         started = time.perf_counter()

@@ -1,0 +1,152 @@
+"""A strategy wrapper for plaintext rounds: validate, weight, clip, digest and retain updates.
+
+Between the replies and the wrapped Flower strategy (FedAvg, Krum, median, ...):
+
+1. **Malformed updates are rejected**, not aggregated: missing or extra arrays, wrong
+   shapes, NaN or Inf, or a change to the global model whose L2 norm exceeds
+   ``governance.max_update_norm``. Each rejection is recorded with its reason and the
+   round goes on with the rest.
+2. **Weights follow the governance policy** (``fedgov.governance.weighting``): the
+   aggregator computes them from each cooperative's *claimed* size and writes them into
+   the reply under ``WEIGHT_KEY``, which the inner strategy weights by.
+3. **Optional defense**: each update's change is clipped to ``governance.clip_update_norm``.
+4. **Accountability**: the digest of every accepted update (as received, before clipping)
+   goes to the audit log, and the update itself to the run's archive.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from ..audit import digest_arrays
+from ..governance.archive import UpdateArchive
+
+__all__ = ["GovernedAggregation", "WEIGHT_KEY", "check_update", "policy_weight_map"]
+
+WEIGHT_KEY = "fedgov-weight"
+
+
+def check_update(arrays: ArrayRecord, reference: dict[str, np.ndarray], *, max_norm: float) -> str | None:
+    """Why an update cannot be aggregated (None if it can)."""
+    if list(arrays.keys()) != list(reference):
+        missing = sorted(set(reference) - set(arrays.keys()))
+        extra = sorted(set(arrays.keys()) - set(reference))
+        return f"wrong arrays (missing {missing}, unexpected {extra})"
+    squared = 0.0
+    for name, ref in reference.items():
+        try:
+            value = arrays[name].numpy()
+        except Exception as exc:  # noqa: BLE001 - any decoding failure makes the update malformed
+            return f"array {name!r} cannot be read ({exc})"
+        if value.shape != ref.shape:
+            return f"array {name!r} has shape {list(value.shape)}, expected {list(ref.shape)}"
+        if not np.issubdtype(value.dtype, np.number):
+            return f"array {name!r} is not numeric ({value.dtype})"
+        if not np.all(np.isfinite(value)):
+            return f"array {name!r} holds NaN or Inf"
+        squared += float(np.sum((value.astype(np.float64) - ref) ** 2))
+    norm = squared ** 0.5
+    if max_norm > 0 and norm > max_norm:
+        return f"update norm {norm:.3g} exceeds governance.max_update_norm = {max_norm:g}"
+    return None
+
+
+def policy_weight_map(policy: str, claimed: dict[int, float], *, cap: float) -> dict[int, float]:
+    """Normalized weights by cooperative id, from claimed data sizes."""
+    from ..governance.weighting import policy_weights
+
+    if not claimed:
+        return {}
+    ids = sorted(claimed)
+    weights = policy_weights(policy, [claimed[c] for c in ids], cap=cap)
+    return {c: float(w) for c, w in zip(ids, weights)}
+
+
+class GovernedAggregation(Strategy):
+    def __init__(self, inner: Strategy, *, policy: str, cap: float, max_update_norm: float,
+                 clip_update_norm: float, node_to_cooperative: dict[int, int],
+                 archive: UpdateArchive | None, set_weights: bool) -> None:
+        self.inner = inner
+        self.policy = policy
+        self.cap = cap
+        self.max_update_norm = max_update_norm
+        self.clip_update_norm = clip_update_norm
+        self.node_to_cooperative = dict(node_to_cooperative)
+        self.archive = archive
+        # False under central DP, whose noise is calibrated to the unweighted mean it computes itself.
+        self.set_weights = set_weights
+        self._reference: dict[str, np.ndarray] = {}
+        self.last: dict[str, Any] = {}
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self._reference = {k: a.numpy().astype(np.float64) for k, a in arrays.items()}
+        if self.archive is not None:
+            self.archive.save_arrays(server_round, "global", [a.numpy() for a in arrays.values()])
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def _clip(self, reply: Message) -> bool:
+        arrays = reply.content["arrays"]
+        delta = {k: arrays[k].numpy().astype(np.float64) - ref for k, ref in self._reference.items()}
+        norm = float(np.sqrt(sum(np.sum(d ** 2) for d in delta.values())))
+        if norm <= self.clip_update_norm:
+            return False
+        scale = self.clip_update_norm / norm
+        reply.content["arrays"] = ArrayRecord({
+            k: Array((self._reference[k] + scale * d).astype(arrays[k].numpy().dtype)) for k, d in delta.items()})
+        return True
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        accepted: list[Message] = []
+        rejected: list[dict[str, Any]] = []
+        digests: dict[int, str] = {}
+        claimed: dict[int, float] = {}
+        clipped: list[int] = []
+        for reply in replies:
+            if reply.has_error():  # the recorder notes it; the inner strategy skips it
+                continue
+            coop = self.node_to_cooperative.get(reply.metadata.src_node_id, -1)
+            arrays = reply.content.get("arrays") if "arrays" in reply.content else None
+            reason = ("no model arrays in the reply" if not isinstance(arrays, ArrayRecord)
+                      else check_update(arrays, self._reference, max_norm=self.max_update_norm))
+            metrics = reply.content["metrics"] if "metrics" in reply.content else {}
+            size = metrics.get("num-examples") if reason is None else None
+            if reason is None and not (isinstance(size, (int, float)) and np.isfinite(size) and size > 0):
+                reason = f"claimed data size {size!r} is not a positive number"
+            if reason is not None:
+                rejected.append({"cooperative": coop, "reason": f"rejected update: {reason}", "rejected": True})
+                continue
+            values = [a.numpy() for a in arrays.values()]
+            digests[coop] = digest_arrays(values)
+            if self.archive is not None:
+                self.archive.save_arrays(server_round, f"coop_{coop:03d}", values)
+            claimed[coop] = float(size)
+            if self.clip_update_norm > 0 and self._clip(reply):
+                clipped.append(coop)
+            accepted.append(reply)
+        weights = policy_weight_map(self.policy if self.set_weights else "equal", claimed, cap=self.cap)
+        if self.set_weights:
+            for reply in accepted:
+                coop = self.node_to_cooperative.get(reply.metadata.src_node_id, -1)
+                reply.content["metrics"][WEIGHT_KEY] = weights[coop]
+        self.last = {"rejected": rejected, "digests": digests, "weights": weights, "clipped": clipped}
+        if not accepted:
+            return None, None
+        return self.inner.aggregate_train(server_round, accepted)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(server_round, replies)
