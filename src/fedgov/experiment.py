@@ -31,6 +31,8 @@ point. A variant and the grid may not set the same key.
     ylog = ["bytes_per_round"]        # panels drawn with a log y axis
     title = "..."
     labels = { "data.alpha" = "Dirichlet alpha" }   # display names for keys and metrics
+    rounds = ["attack.success_rate_by_round"]        # optional: per-round lists in summary.json,
+                                                     # drawn over rounds (rounds.csv, figure_rounds.png)
 
 Every (grid point, seed) runs ``python -m fedgov.simulate`` in its own process, so
 each run gets a fresh Ray. Results go to ``<folder of FILE>/results/<name>/``:
@@ -89,6 +91,7 @@ SUMMARY_METRICS = (
     "final_accuracy", "final_loss", "rounds", "wall_seconds", "bytes_up", "bytes_down",
     "seconds_per_round", "bytes_per_round",
     "fairness.worst", "fairness.mean", "fairness.best", "fairness.std", "model.num_parameters",
+    "influence.nakamoto", "influence.gini", "influence.hhi", "influence.max_weight",
 )
 # Present only in runs that use the mechanism (empty cells elsewhere).
 MECHANISM_METRICS = (
@@ -96,6 +99,15 @@ MECHANISM_METRICS = (
     "privacy.epsilon",  # dp = "user"
     "secure_aggregation.bytes_per_param",
     "secure_aggregation.max_abs_error",
+    "influence.applied.max_weight",  # HE: the weights clients applied inside their ciphertexts
+    "influence.applied.nakamoto",
+    "influence.applied_weight_sum",
+    "attack.success_rate",  # attack.kind != "off"
+    "compute.slowest_participation",  # heterogeneity.compute != "off" or a deadline
+    "compute.slowest_accuracy",
+    "compute.others_participation",
+    "compute.others_accuracy",
+    "compute.missed",
 )
 VARIANT_AXIS = "variant"
 # Keys the experiment sets itself, per run.
@@ -245,7 +257,7 @@ class Experiment:
 
 
 _EXPERIMENT_KEYS = ("name", "description", "base", "seeds", "metrics", "overrides", "grid", "variants", "plot")
-_PLOT_KEYS = ("x", "series", "y", "xscale", "ylog", "title", "labels")
+_PLOT_KEYS = ("x", "series", "y", "xscale", "ylog", "title", "labels", "rounds")
 
 
 def _flat_table(value: Any, where: str, *, leaves: type | tuple[type, ...] | None = None) -> dict[str, Any]:
@@ -370,11 +382,14 @@ def _plot_spec(raw: Any, *, where: str, grid: Mapping[str, list[Any]], metrics: 
         raise ExperimentError(f"{where}.ylog: expected a list of metrics drawn in plot.y")
     labels = _flat_table(raw.get("labels", {}), f"{where}.labels")
     for key, label in labels.items():
-        if key not in grid and key not in metrics:
+        if key not in grid and key not in metrics and key not in raw.get("rounds", []):
             raise ExperimentError(f"{where}.labels.{key}: not a grid key or metric")
         _str(label, f"{where}.labels.{key}")
+    rounds = raw.get("rounds", [])
+    if not isinstance(rounds, list) or not all(isinstance(m, str) and m for m in rounds):
+        raise ExperimentError(f"{where}.rounds: expected a list of per-round summary paths")
     return {"x": x, "series": series, "y": list(y), "xscale": xscale, "ylog": list(ylog),
-            "title": _str(raw.get("title", title), f"{where}.title"), "labels": labels}
+            "title": _str(raw.get("title", title), f"{where}.title"), "labels": labels, "rounds": list(rounds)}
 
 
 def load_experiment(path: str | Path) -> Experiment:
@@ -680,6 +695,36 @@ def runs_table(exp: Experiment, results: Sequence[RunResult], out: Path) -> tupl
     return header, rows
 
 
+def series_value(summary: Mapping[str, Any], path: str) -> list[float | None] | None:
+    """A per-round list at a dotted path of summary.json (None entries stay None)."""
+    node: Any = summary
+    for part in path.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    if not isinstance(node, list):
+        return None
+    return [float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None for v in node]
+
+
+def rounds_table(exp: Experiment, results: Sequence[RunResult], paths: Sequence[str]
+                 ) -> tuple[list[str], list[list[Any]]]:
+    """One row per (grid point, per-round metric, round): mean and 95% CI over seeds."""
+    keys = list(exp.axes)
+    header = ["point", *keys, "metric", "round", "n", "mean", "ci95_low", "ci95_high"]
+    rows = []
+    for point in exp.points:
+        ok = [r for r in results if r.job.point.id == point.id and r.succeeded]
+        for path in paths:
+            per_run = [v for r in ok if (v := series_value(r.summary or {}, path))]
+            for index in range(max((len(v) for v in per_run), default=0)):
+                values = [v[index] for v in per_run if index < len(v) and v[index] is not None]
+                ci = confidence_interval(values)
+                rows.append([point.id, *(point.values[k] for k in keys), path, index + 1, len(values),
+                             ci.mean, ci.low, ci.high])
+    return header, rows
+
+
 def results_table(exp: Experiment, results: Sequence[RunResult]) -> tuple[list[str], list[list[Any]]]:
     """One row per grid point: n successful runs and, per metric, mean and 95% CI (Student t)."""
     keys = list(exp.axes)
@@ -764,6 +809,9 @@ def _write_outputs(exp: Experiment, results: list[RunResult], out: Path, meta: d
     if final:
         header, rows = results_table(exp, results)
         atomic_write_text(out / "results.csv", _csv_text(header, rows))
+        if exp.plot.get("rounds"):
+            header, rows = rounds_table(exp, results, exp.plot["rounds"])
+            atomic_write_text(out / "rounds.csv", _csv_text(header, rows))
 
 
 def code_version() -> dict[str, Any]:
@@ -853,6 +901,10 @@ def run_experiment(exp: Experiment, *, out: Path, seeds: Sequence[int] | None = 
     from .plots import plot_experiment
 
     plot_experiment(out / "results.csv", plot, out / "figure.png", runs_csv=out / "runs.csv")
+    if plot.get("rounds"):
+        from .plots import plot_rounds
+
+        plot_rounds(out / "rounds.csv", plot, out / "figure_rounds.png")
     return results
 
 

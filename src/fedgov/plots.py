@@ -190,6 +190,39 @@ def plot_experiment(results_csv: str | Path, plot_spec: Mapping[str, Any], out_p
     return _save(fig, out_png, dpi=dpi)
 
 
+def plot_rounds(rounds_csv: str | Path, plot_spec: Mapping[str, Any], out_png: str | Path, *,
+                dpi: int = DPI) -> Path:
+    """Per-round metrics (``plot_spec["rounds"]``), one panel each, one line per grid point, 95% CI bands."""
+    rows = _read_csv(rounds_csv)
+    labels: Mapping[str, str] = plot_spec.get("labels") or {}
+    metrics = list(plot_spec.get("rounds") or [])
+    fig, axes = plt.subplots(len(metrics), 1, sharex=True, squeeze=False, figsize=(7.5, 1.2 + 3.2 * len(metrics)))
+    for panel, metric in enumerate(metrics):
+        ax = axes[panel][0]
+        points = list(dict.fromkeys(r["point"] for r in rows if r["metric"] == metric))
+        for index, point in enumerate(points):
+            mine = sorted((r for r in rows if r["metric"] == metric and r["point"] == point),
+                          key=lambda r: _float(r["round"]))
+            xs = [_float(r["round"]) for r in mine]
+            color = _COLORS[index % len(_COLORS)]
+            ax.plot(xs, [_float(r["mean"]) for r in mine], color=color, linewidth=1.8, marker="o", markersize=3,
+                    label=point)
+            if any(_float(r["n"]) > 1 for r in mine):
+                ax.fill_between(xs, [_float(r["ci95_low"]) for r in mine], [_float(r["ci95_high"]) for r in mine],
+                                color=color, alpha=0.12, linewidth=0)
+        ax.set_ylabel(_pretty(metric, labels))
+        _style(ax)
+        if panel == 0:
+            ax.legend(frameon=False, fontsize="small", loc="best", ncol=2)
+    axes[-1][0].set_xlabel("round")
+    ns = sorted({int(_float(r["n"])) for r in rows if r["n"]})
+    title = plot_spec.get("title") or Path(rounds_csv).parent.name
+    fig.suptitle(textwrap.fill(title, 60), fontsize="large", fontweight="bold")
+    axes[0][0].set_title(_seeds_note(ns), fontsize="small", color="0.35")
+    fig.tight_layout()
+    return _save(fig, out_png, dpi=dpi)
+
+
 def _run_title(run_dir: Path) -> str:
     config_path = run_dir / "config.toml"
     if not config_path.is_file():
