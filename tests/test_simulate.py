@@ -68,6 +68,12 @@ def test_resume_continues_exactly_where_the_run_stopped(small_run, tmp_path):
     expected = [r["accuracy"] for r in read_jsonl(small_run / "metrics.jsonl")]
     assert [r["accuracy"] for r in read_jsonl(partial / "metrics.jsonl")] == expected
     assert read_json(partial / "summary.json")["resumed_from_round"] == 2
+    # The signed audit trail continues across the resume (same key, unbroken chain).
+    from fedgov.audit import verify
+
+    assert verify(partial).ok
+    kinds = [json.loads(line)["kind"] for line in (partial / "audit.jsonl").read_text().splitlines()]
+    assert kinds == ["run_start", "round", "round", "run_end", "run_resume", "round", "run_end"]
 
 
 def test_resume_of_a_non_run_directory_is_a_clear_error(tmp_path):

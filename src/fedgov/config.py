@@ -442,7 +442,8 @@ def _unflatten(flat: typing.Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-_KNOWN_KEYS = frozenset(Config().to_flat())
+_DEFAULTS = Config().to_flat()
+_KNOWN_KEYS = frozenset(_DEFAULTS)
 
 
 def _check_known(key: str, where: str) -> None:
@@ -462,6 +463,8 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw  # a bare word such as `fedprox`
+    if isinstance(_DEFAULTS[key], str) and not isinstance(value, str):
+        value = raw  # a text key given digits, e.g. attack.cooperatives=2
     return key, value
 
 

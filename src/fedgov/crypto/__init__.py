@@ -21,6 +21,7 @@ _HE_NAMES = (
     "bytes_per_param",
     "check_parameters",
     "check_security",
+    "check_update",
     "decrypt_aggregate",
     "default_workers",
     "encrypt_update",

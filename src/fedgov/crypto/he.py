@@ -86,6 +86,7 @@ __all__ = [
     "aggregate",
     "bytes_per_param",
     "check_parameters",
+    "check_update",
     "check_security",
     "decrypt_aggregate",
     "default_workers",
@@ -909,6 +910,17 @@ def _check_update(upd: EncryptedUpdate, context: _Context, what: str) -> list[in
     if upd.num_chunks != len(sizes):
         raise HEError(f"{what}: {upd.num_chunks} ciphertexts where the shapes need {len(sizes)}")
     return sizes
+
+
+def check_update(update: EncryptedUpdate, *, context: PublicContext | SecretKeys,
+                 shapes: Sequence[Sequence[int]] | None = None) -> None:
+    """Header checks of one received update (preset, keys, layout, shapes); raises :class:`HEError`.
+
+    Cheap: no ciphertext is loaded. ``aggregate`` still validates each ciphertext's bytes.
+    """
+    _check_update(update, context, "update")
+    if shapes is not None and [tuple(s) for s in shapes] != update.shapes:
+        raise HEError(f"update has layer shapes {update.shapes}, expected {[tuple(s) for s in shapes]}")
 
 
 def _load_vector(cls: Any, ctx: ts.Context, data: bytes, size: int, preset: HEPreset, what: str) -> Any:

@@ -105,33 +105,60 @@ class HESecureAggregation(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         from ..audit import digest_bytes
-        from ..crypto import EncryptedUpdate, HEError, aggregate
+        from ..crypto import EncryptedUpdate, HEError, aggregate, check_update
 
-        accepted, updates, rejected = [], [], []
-        digests: dict[int, str] = {}
+        accepted, updates, rejected, blobs = [], [], [], []
+        shapes = [c.shape for c in self._current]
+
+        def reject(reply: Message, reason: str) -> None:
+            rejected.append({"cooperative": self.node_to_cooperative.get(reply.metadata.src_node_id, -1),
+                             "reason": f"rejected HE update: {reason}", "rejected": True})
+
         for reply in replies:
             if reply.has_error():
                 continue
             coop = self.node_to_cooperative.get(reply.metadata.src_node_id, -1)
-            try:
+            try:  # header checks only: cheap, and enough for most malformed updates
                 blob = reply.content["he-update"]["ciphertext"].numpy()
-                updates.append(EncryptedUpdate.from_bytes(blob))
-                accepted.append(reply)
-            except (HEError, KeyError, ValueError) as exc:  # malformed ciphertext: reject, record, go on
-                rejected.append({"cooperative": coop, "reason": f"rejected HE update: {exc}", "rejected": True})
+                update = EncryptedUpdate.from_bytes(blob)
+                check_update(update, context=self.context, shapes=shapes)
+            except (HEError, KeyError, ValueError, TypeError) as exc:  # reject, record, go on
+                reject(reply, str(exc))
                 continue
-            data = np.ascontiguousarray(blob).tobytes()
-            digests[coop] = digest_bytes(data)
-            if self.archive is not None:
-                self.archive.save_bytes(server_round, f"coop_{coop:03d}", data)
-        contributors = [self.node_to_cooperative.get(r.metadata.src_node_id, -1) for r in accepted]
-        self.last = {"rejected": rejected, "digests": digests,
-                     "weights": {c: self._weights[c] for c in contributors if c in self._weights}}
+            if update.contributors != 1 or abs(update.weight - self._weights.get(coop, -1.0)) > 1e-9:
+                reject(reply, f"declares {update.contributors} contributor(s) of weight {update.weight:.6g}, "
+                              f"but was assigned one of weight {self._weights.get(coop, 0.0):.6g}")
+                continue
+            updates.append(update)
+            accepted.append(reply)
+            blobs.append(np.ascontiguousarray(blob).tobytes())
         if not updates:
+            self.last = {"rejected": rejected, "digests": {}, "weights": {}}
             return None, None
         started = time.perf_counter()
-        summed = aggregate(updates, context=self.context)
+        try:
+            summed = aggregate(updates, context=self.context)
+        except HEError:  # a ciphertext whose bytes are bad: find it, reject it, sum the rest
+            keep = []
+            for i, update in enumerate(updates):
+                try:
+                    aggregate([update], context=self.context)
+                    keep.append(i)
+                except HEError as exc:
+                    reject(accepted[i], str(exc))
+            updates, accepted, blobs = ([seq[i] for i in keep] for seq in (updates, accepted, blobs))
+            if not updates:
+                self.last = {"rejected": rejected, "digests": {}, "weights": {}}
+                return None, None
+            summed = aggregate(updates, context=self.context)
         seconds_aggregate = time.perf_counter() - started
+        contributors = [self.node_to_cooperative.get(r.metadata.src_node_id, -1) for r in accepted]
+        digests = {c: digest_bytes(b) for c, b in zip(contributors, blobs)}
+        if self.archive is not None:
+            for coop, data in zip(contributors, blobs):
+                self.archive.save_bytes(server_round, f"coop_{coop:03d}", data)
+        self.last = {"rejected": rejected, "digests": digests,
+                     "weights": {c: self._weights[c] for c in contributors if c in self._weights}}
         average_delta, seconds_decrypt = self._decrypt(summed, accepted)
         new = [(c + d).astype(c.dtype) for c, d in zip(self._current, average_delta)]
         num_params = sum(c.size for c in self._current)
