@@ -77,3 +77,15 @@ def test_bad_ciphertexts_are_rejected_and_the_rest_are_summed(key_dir, tmp_path)
     assert np.allclose(arrays["w"].numpy(), 2.0, atol=1e-5)
     assert sorted(strategy.last["digests"]) == [0, 4]
     assert sorted(archive.cooperative_files(1)) == [0, 4]
+
+
+def test_each_cooperative_is_told_its_own_weight(key_dir):
+    # Flower's strategies send one shared RecordDict to every node; a per-node weight must not leak across.
+    sizes = {c: 10 * (c + 1) for c in NODES.values()}
+    strategy = HESecureAggregation(
+        flwr_strategy.FedAvg(fraction_train=1.0, min_train_nodes=1, min_available_nodes=1), key_dir=key_dir,
+        key_holder="custodian", examples=sizes, node_to_cooperative=NODES, verify=False, policy="samples")
+    start = ArrayRecord({"w": Array(np.zeros((3, 4), dtype=np.float32))})
+    messages = list(strategy.configure_train(1, start, ConfigRecord(), FakeGrid()))
+    told = {NODES[m.metadata.dst_node_id]: m.content["config"]["he-weight"] for m in messages}
+    assert told == pytest.approx({c: (c + 1) / 15 for c in range(5)})

@@ -84,8 +84,11 @@ class HESecureAggregation(Strategy):
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         cohort = [self.node_to_cooperative[m.metadata.dst_node_id] for m in messages]
         self._weights = policy_weight_map(self.policy, {c: self.examples[c] for c in cohort}, cap=self.cap)
-        for message in messages:
-            message.content["config"]["he-weight"] = self._weights[self.node_to_cooperative[message.metadata.dst_node_id]]
+        for message in messages:  # Flower's strategies share one RecordDict among messages: give each its own
+            weight = self._weights[self.node_to_cooperative[message.metadata.dst_node_id]]
+            content = dict(message.content.items())
+            content["config"] = ConfigRecord({**message.content["config"], "he-weight": weight})
+            message.content = RecordDict(content)
         return messages
 
     def _decrypt(self, aggregate: Any, participants: list[Message]) -> tuple[list[np.ndarray], float]:
@@ -132,8 +135,9 @@ class HESecureAggregation(Strategy):
             updates.append(update)
             accepted.append(reply)
             blobs.append(np.ascontiguousarray(blob).tobytes())
-        if not updates:
-            self.last = {"rejected": rejected, "digests": {}, "weights": {}}
+        if len(updates) < 2:  # a key holder decrypts sums, never one update: keep the model this round
+            self.last = {"rejected": rejected, "digests": {}, "weights": {},
+                         "skipped": f"{len(updates)} valid update(s): no aggregate of at least 2 to decrypt"}
             return None, None
         started = time.perf_counter()
         try:
@@ -147,8 +151,9 @@ class HESecureAggregation(Strategy):
                 except HEError as exc:
                     reject(accepted[i], str(exc))
             updates, accepted, blobs = ([seq[i] for i in keep] for seq in (updates, accepted, blobs))
-            if not updates:
-                self.last = {"rejected": rejected, "digests": {}, "weights": {}}
+            if len(updates) < 2:
+                self.last = {"rejected": rejected, "digests": {}, "weights": {},
+                             "skipped": f"{len(updates)} valid update(s): no aggregate of at least 2 to decrypt"}
                 return None, None
             summed = aggregate(updates, context=self.context)
         seconds_aggregate = time.perf_counter() - started
