@@ -102,7 +102,9 @@ MECHANISM_METRICS = (
     "influence.applied.max_weight",  # HE: the weights clients applied inside their ciphertexts
     "influence.applied.nakamoto",
     "influence.applied_weight_sum",
-    "attack.success_rate",  # attack.kind != "off"
+    "attack.success_rate",  # attack.kind != "off" (or a size_claim)
+    "attack.recorded_weight",  # the attackers' share of the weights in the audit log
+    "attack.effective_weight",  # ... and of what was really applied (differs under HE)
     "compute.slowest_participation",  # heterogeneity.compute != "off" or a deadline
     "compute.slowest_accuracy",
     "compute.others_participation",

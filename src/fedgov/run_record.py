@@ -286,7 +286,18 @@ class RunRecord:
     def _attack_block(self) -> dict[str, Any]:
         a = self.cfg.attack
         series = [r.get("attack_success_rate") for r in self.rows]
+        attackers = [str(c) for c in self.ground_truth.get("attackers", [])]
+
+        def share(weights: dict[str, float]) -> float:
+            total = sum(weights.values())
+            return sum(weights.get(c, 0.0) for c in attackers) / total if total > 0 else 0.0
+
+        recorded = [share(r["weights"]) for r in self.rows if r.get("weights")]
+        # Under HE what clients applied differs from what the aggregator assigned and recorded.
+        effective = [share(r.get("applied_weights") or r["weights"]) for r in self.rows if r.get("weights")]
         return {"kind": a.kind, "attackers": self.ground_truth.get("attackers", []),
+                "recorded_weight": float(np.mean(recorded)) if recorded else None,
+                "effective_weight": float(np.mean(effective)) if effective else None,
                 "start_round": a.start_round, "target_label": a.target_label, "size_claim": a.size_claim,
                 "success_rate": series[-1] if series else None,
                 "success_rate_by_round": series,
