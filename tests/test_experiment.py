@@ -264,7 +264,8 @@ class FakeSimulate:
             return 1, "", "Ray started\nTraceback (most recent call last):\nValueError: boom\n"
         acc = 0.5 + 0.1 * cfg.seed + cfg.data.alpha / 1000
         summary = {"config_hash": cfg.hash(), "seed": cfg.seed, "final_accuracy": acc,
-                   "fairness": {"worst": acc - 0.2}}
+                   "fairness": {"worst": acc - 0.2},
+                   "attack": {"success_rate_by_round": [0.1 * cfg.seed, 0.2 * cfg.seed, None]}}
         (run_dir / "summary.json").write_text(json.dumps(summary))
         return 0, f"a table\n{run_dir}\n", ""
 
@@ -307,6 +308,20 @@ def test_run_with_fake_simulate_writes_tables_and_figure(tmp_path):
     meta = json.loads((out / "experiment.json").read_text())
     assert meta["finished"] and len(meta["runs"]) == 6 and "fedgov.simulate" in meta["runs"][0]["command"]
     assert meta["plot"]["x"] == "data.alpha" and meta["experiment_toml"] == exp.text
+
+
+def test_per_round_series_are_saved_and_drawn(tmp_path):
+    text = TINY.replace("seeds = [0]", "seeds = [0, 1, 2]").replace(
+        'xscale = "log"', 'xscale = "log"\nrounds = ["attack.success_rate_by_round"]')
+    exp = load_experiment(write_experiment(tmp_path, text))
+    out = tmp_path / "out"
+    run_experiment(exp, out=out, runner=FakeSimulate())
+    rows = [r for r in read_csv(out / "rounds.csv") if r["data.alpha"] == "0.5"]
+    assert [r["round"] for r in rows] == ["1", "2", "3"]
+    assert float(rows[0]["mean"]) == pytest.approx(0.1) and rows[0]["n"] == "3"  # seeds 0, 1, 2
+    assert float(rows[1]["mean"]) == pytest.approx(0.2)
+    assert rows[2]["n"] == "0"  # no value in that round: nothing is made up
+    assert (out / "figure_rounds.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_resume_skips_runs_whose_summary_exists(tmp_path):

@@ -13,8 +13,8 @@ from fedgov.results import read_json, read_jsonl
 
 pytestmark = pytest.mark.slow
 
-# A sleeper (cooperative 2 of 6) plants a backdoor from round 3 of 8.
-BACKDOOR = ["--set", "data.num_cooperatives=6", "--set", "train.rounds=8", "--set", "attack.kind=backdoor",
+# A sleeper (cooperative 2 of 6) plants a backdoor from round 3 of 6.
+BACKDOOR = ["--set", "data.num_cooperatives=6", "--set", "train.rounds=6", "--set", "attack.kind=backdoor",
             "--set", "attack.cooperatives=2", "--set", "attack.start_round=3"]
 
 
@@ -39,7 +39,7 @@ def test_every_run_writes_a_verifiable_audit_trail(backdoor_run):
     assert proc.returncode == 0, proc.stderr
     lines = (backdoor_run / "audit.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
-    assert [r["kind"] for r in records] == ["run_start"] + ["round"] * 8 + ["run_end"]
+    assert [r["kind"] for r in records] == ["run_start"] + ["round"] * 6 + ["run_end"]
     summary = read_json(backdoor_run / "summary.json")
     assert (backdoor_run / "audit_public_key.txt").read_text().strip() == summary["audit"]["public_key"]
     rows = read_jsonl(backdoor_run / "metrics.jsonl")
@@ -81,7 +81,7 @@ def test_the_sleeper_is_stealthy_but_succeeds_and_is_recorded(backdoor_run):
     attack = summary["attack"]
     assert attack["attackers"] == [2] and attack["kind"] == "backdoor"
     series = attack["success_rate_by_round"]
-    assert len(series) == 8 and attack["success_rate"] == series[-1]
+    assert len(series) == 6 and attack["success_rate"] == series[-1]
     assert max(series[:2]) < 0.2 < series[-1]  # asleep, then awake
     assert [c["malicious"] for c in summary["cooperatives"]] == [c == 2 for c in range(6)]
 
@@ -92,7 +92,7 @@ def test_trace_names_the_attacker_first_in_a_plaintext_run(backdoor_run, tmp_pat
     result = read_json(backdoor_run / "trace.json")
     assert result["misbehaviour"] == "backdoor"
     assert result["ranking"][0]["cooperative"] == 2
-    assert all(r["digests_ok"] == 8 and r["digests_bad"] == 0 for r in result["ranking"])
+    assert all(r["digests_ok"] == 6 and r["digests_bad"] == 0 for r in result["ranking"])
 
     # A retained update swapped after the fact is caught against the signed digest.
     copy = tmp_path / "run"
@@ -161,28 +161,18 @@ def test_malformed_updates_and_missed_deadlines_are_recorded_and_the_rounds_go_o
     assert summary["final_accuracy"] > 0.5  # the rounds went on with the rest
 
 
-def test_equal_weighting_spreads_influence_on_a_powerlaw_partition(tmp_path):
-    common = ["--set", "data.partition=powerlaw", "--set", "train.rounds=2", "--out", str(tmp_path)]
-    samples = read_json(run_dir_of(run_simulate(*common)) / "summary.json")["influence"]
-    equal = read_json(run_dir_of(run_simulate(*common, "--set", "governance.weighting=equal")) / "summary.json")
-    assert equal["influence"]["nakamoto"] > samples["nakamoto"]
-    assert equal["influence"]["gini"] == pytest.approx(0.0, abs=1e-12)
-    assert samples["gini"] > 0.3
-
-
-def test_a_size_liar_is_neutralized_by_equal_weighting_in_plaintext_but_not_under_he(tmp_path):
-    liar = ["--set", "data.num_cooperatives=4", "--set", "data.partition=iid", "--set", "train.rounds=2",
-            "--set", "attack.cooperatives=3", "--set", "attack.size_claim=10.0", "--out", str(tmp_path)]
-    plain_samples = read_json(run_dir_of(run_simulate(*liar)) / "summary.json")
-    plain_equal = read_json(run_dir_of(run_simulate(*liar, "--set", "governance.weighting=equal")) / "summary.json")
-    he_equal = read_json(run_dir_of(run_simulate(*liar, "--set", "governance.weighting=equal",
-                                                 "--set", "secure.aggregation=he")) / "summary.json")
-    # samples: the aggregator believes the claim (iid: 10 x the size of each of the 3 others).
-    assert plain_samples["influence"]["max_weight"] == pytest.approx(10 / 13, abs=0.02)
-    # equal: the claim buys nothing, and the recorded weights show it.
-    assert plain_equal["influence"]["max_weight"] == pytest.approx(0.25)
-    # HE: the aggregator records the same equal weights, but the liar scaled its update inside the
-    # ciphertext; what it really applied (simulation ground truth) is 10 / 13 of the total.
-    assert he_equal["influence"]["max_weight"] == pytest.approx(0.25)
-    assert he_equal["influence"]["applied"]["max_weight"] == pytest.approx(10 / 13)
-    assert he_equal["influence"]["applied_weight_sum"] == pytest.approx(13 / 4)
+def test_a_size_liar_under_he_looks_honest_in_the_log_but_is_not(tmp_path):
+    # (In plaintext the aggregator applies the weights itself: tests/strategies/test_governance.py.)
+    run = run_dir_of(run_simulate(
+        "--set", "data.num_cooperatives=4", "--set", "data.partition=iid", "--set", "train.rounds=2",
+        "--set", "attack.cooperatives=3", "--set", "attack.size_claim=10.0", "--set", "governance.weighting=equal",
+        "--set", "secure.aggregation=he", "--out", str(tmp_path)))
+    summary = read_json(run / "summary.json")
+    # The aggregator assigns and records equal weights...
+    assert summary["influence"]["max_weight"] == pytest.approx(0.25)
+    assert summary["attack"]["recorded_weight"] == pytest.approx(0.25)
+    # ...but the liar scaled its update inside the ciphertext: it really applied 10 / 13 of the total
+    # (simulation ground truth, which the aggregator cannot see).
+    assert summary["influence"]["applied"]["max_weight"] == pytest.approx(10 / 13)
+    assert summary["attack"]["effective_weight"] == pytest.approx(10 / 13)
+    assert summary["influence"]["applied_weight_sum"] == pytest.approx(13 / 4)

@@ -151,3 +151,25 @@ def test_check_update_accepts_a_well_formed_update():
     reference = {"w": np.zeros((2, 3)), "b": np.zeros(3)}
     arrays = ArrayRecord({k: Array(v) for k, v in _good(0).items()})
     assert check_update(arrays, reference, max_norm=0.0) is None
+
+
+@pytest.mark.parametrize("policy, liar_weight", [("samples", 0.7), ("equal", 0.25), ("capped", 0.5)])
+def test_a_size_liar_gets_what_the_policy_lets_it_have_and_the_weights_show_it(policy, liar_weight):
+    # In plaintext the aggregator applies the weights: cooperative 1 claims 700 examples, the others 100.
+    claims = {0: 100, 1: 700, 2: 100, 3: 100}
+    strategy = _governed(policy)  # capped at 0.5
+    _round(strategy, lambda m, c: _reply(m, c, _good(c), size=claims[c]))
+    assert strategy.last["weights"][1] == pytest.approx(liar_weight)
+
+
+def test_equal_weighting_has_a_larger_nakamoto_coefficient_on_the_powerlaw_partition():
+    from fedgov.config import DataConfig
+    from fedgov.data import build_federation
+    from fedgov.governance.weighting import influence, policy_weights
+
+    federation = build_federation(DataConfig(partition="powerlaw"), seed=0)
+    sizes = [len(c.train) for c in federation.cooperatives]
+    samples = influence(policy_weights("samples", sizes))
+    equal = influence(policy_weights("equal", sizes))
+    assert equal["nakamoto"] > samples["nakamoto"]
+    assert samples["max_weight"] > 2 / len(sizes)  # a whale: more than twice its equal share
