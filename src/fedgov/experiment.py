@@ -713,7 +713,7 @@ def rounds_table(exp: Experiment, results: Sequence[RunResult], paths: Sequence[
                  ) -> tuple[list[str], list[list[Any]]]:
     """One row per (grid point, per-round metric, round): mean and 95% CI over seeds."""
     keys = list(exp.axes)
-    header = ["point", *keys, "metric", "round", "n", "mean", "ci95_low", "ci95_high"]
+    header = ["point", *keys, "metric", "round", "n", "mean", "ci95_low", "ci95_high", "min", "max"]
     rows = []
     for point in exp.points:
         ok = [r for r in results if r.job.point.id == point.id and r.succeeded]
@@ -723,7 +723,7 @@ def rounds_table(exp: Experiment, results: Sequence[RunResult], paths: Sequence[
                 values = [v[index] for v in per_run if index < len(v) and v[index] is not None]
                 ci = confidence_interval(values)
                 rows.append([point.id, *(point.values[k] for k in keys), path, index + 1, len(values),
-                             ci.mean, ci.low, ci.high])
+                             ci.mean, ci.low, ci.high, min(values, default=None), max(values, default=None)])
     return header, rows
 
 

@@ -24,7 +24,7 @@ matplotlib.use("Agg")  # files only: no display needed, and no GUI backend in wo
 
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter  # noqa: E402
 
 from .results import read_json, read_jsonl  # noqa: E402
 
@@ -192,33 +192,46 @@ def plot_experiment(results_csv: str | Path, plot_spec: Mapping[str, Any], out_p
 
 def plot_rounds(rounds_csv: str | Path, plot_spec: Mapping[str, Any], out_png: str | Path, *,
                 dpi: int = DPI) -> Path:
-    """Per-round metrics (``plot_spec["rounds"]``), one panel each, one line per grid point, 95% CI bands."""
+    """Per-round metrics (``plot_spec["rounds"]``), one panel each, one line per grid point.
+
+    Lines are means over seeds; the band is the range (min to max) over seeds, which stays
+    readable with two or three seeds where a Student t interval would fill the panel.
+    Line styles differ as well as colours, so identical curves (FedAvg with and without HE,
+    say) stay visible on top of each other.
+    """
     rows = _read_csv(rounds_csv)
     labels: Mapping[str, str] = plot_spec.get("labels") or {}
     metrics = list(plot_spec.get("rounds") or [])
-    fig, axes = plt.subplots(len(metrics), 1, sharex=True, squeeze=False, figsize=(7.5, 1.2 + 3.2 * len(metrics)))
+    styles = ["-", "--", ":", "-."]
+    fig, axes = plt.subplots(len(metrics), 1, sharex=True, squeeze=False, figsize=(8.5, 1.4 + 3.4 * len(metrics)))
     for panel, metric in enumerate(metrics):
         ax = axes[panel][0]
         points = list(dict.fromkeys(r["point"] for r in rows if r["metric"] == metric))
         for index, point in enumerate(points):
-            mine = sorted((r for r in rows if r["metric"] == metric and r["point"] == point),
+            mine = sorted((r for r in rows if r["metric"] == metric and r["point"] == point and r["n"] != "0"),
                           key=lambda r: _float(r["round"]))
             xs = [_float(r["round"]) for r in mine]
             color = _COLORS[index % len(_COLORS)]
-            ax.plot(xs, [_float(r["mean"]) for r in mine], color=color, linewidth=1.8, marker="o", markersize=3,
-                    label=point)
+            # A point id is "key=value,key=value": show just the values.
+            name = ", ".join(part.split("=", 1)[-1] for part in point.split(","))
+            ax.plot(xs, [_float(r["mean"]) for r in mine], color=color, linewidth=2.0,
+                    linestyle=styles[index % len(styles)], label=name)
             if any(_float(r["n"]) > 1 for r in mine):
-                ax.fill_between(xs, [_float(r["ci95_low"]) for r in mine], [_float(r["ci95_high"]) for r in mine],
-                                color=color, alpha=0.12, linewidth=0)
+                ax.fill_between(xs, [_float(r["min"]) for r in mine], [_float(r["max"]) for r in mine],
+                                color=color, alpha=0.10, linewidth=0)
         ax.set_ylabel(_pretty(metric, labels))
         _style(ax)
         if panel == 0:
             ax.legend(frameon=False, fontsize="small", loc="best", ncol=2)
-    axes[-1][0].set_xlabel("round")
-    ns = sorted({int(_float(r["n"])) for r in rows if r["n"]})
+    bottom = axes[-1][0]
+    bottom.set_xlabel("round")
+    bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ns = sorted({int(_float(r["n"])) for r in rows if r["n"] and r["n"] != "0"})
     title = plot_spec.get("title") or Path(rounds_csv).parent.name
     fig.suptitle(textwrap.fill(title, 60), fontsize="large", fontweight="bold")
-    axes[0][0].set_title(_seeds_note(ns), fontsize="small", color="0.35")
+    seeds = f"{ns[0]}" if len(ns) == 1 else f"{ns[0]}-{ns[-1]}" if ns else "0"
+    axes[0][0].set_title(f"mean over n = {seeds} seeds; shaded: min to max over seeds", fontsize="small",
+                         color="0.35")
     fig.tight_layout()
     return _save(fig, out_png, dpi=dpi)
 
