@@ -72,4 +72,19 @@ def print_summary(summary: dict[str, Any], console: Console | None = None) -> No
     table.add_row("rounds", str(summary["rounds"]))
     table.add_row("wall time", f"{summary['wall_seconds']:.1f} s on {summary['device']}")
     table.add_row("bytes sent", f"up {format_bytes(summary['bytes_up'])}, down {format_bytes(summary['bytes_down'])}")
+    influence = summary.get("influence") or {}
+    if influence.get("nakamoto") is not None:
+        table.add_row("influence", f"{influence['weighting']} weights: Nakamoto {influence['nakamoto']:.1f}  "
+                                   f"Gini {influence['gini']:.3f}  largest {influence['max_weight']:.3f}")
+    attack = summary.get("attack")
+    if attack and attack.get("success_rate") is not None:
+        table.add_row("attack", f"{attack['kind']} by cooperative(s) {attack['attackers']}: "
+                                f"success {attack['success_rate']:.3f} in the last round")
+    compute = summary.get("compute")
+    if compute:
+        table.add_row("compute", f"slowest cooperatives {compute['slowest']} took part in "
+                                 f"{pct(compute['slowest_participation'])} of rounds ({compute['missed']} missed)")
+    if summary.get("audit"):
+        table.add_row("audit", f"{summary['audit']['records']} signed records "
+                               f"(python -m fedgov.audit verify <run>)")
     console.print(table)
