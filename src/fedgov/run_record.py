@@ -248,7 +248,7 @@ class RunRecord:
             "privacy": self._privacy_block(cooperatives),
             "influence": self._influence_block(),
         }
-        if cfg.attack.kind != "off" or cfg.attack.size_claim != 1.0:
+        if cfg.attack.kind != "off" or cfg.attack.size_claim != 1.0 or self.ground_truth.get("attackers"):
             summary["attack"] = self._attack_block()
         if cfg.heterogeneity.compute != "off" or cfg.heterogeneity.deadline > 0:
             summary["compute"] = self._compute_block(cooperatives)
