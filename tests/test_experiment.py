@@ -310,6 +310,13 @@ def test_run_with_fake_simulate_writes_tables_and_figure(tmp_path):
     assert meta["plot"]["x"] == "data.alpha" and meta["experiment_toml"] == exp.text
 
 
+def test_variants_with_a_grid_keep_the_experiment_name(tmp_path):
+    text = TINY + '\n[experiment.variants]\nfirst = {}\nlast = { "train.lr" = 0.1 }\n'
+    exp = load_experiment(write_experiment(tmp_path, text.replace('x = "data.alpha"', 'x = "variant"\nseries = "data.alpha"').replace('xscale = "log"', '')))
+    assert exp.name == "tiny"
+    assert len(exp.points) == 4
+
+
 def test_per_round_series_are_saved_and_drawn(tmp_path):
     text = TINY.replace("seeds = [0]", "seeds = [0, 1, 2]").replace(
         'xscale = "log"', 'xscale = "log"\nrounds = ["attack.success_rate_by_round"]')

@@ -455,9 +455,9 @@ def load_experiment(path: str | Path) -> Experiment:
     for key, values in grid.items():
         if key in RESERVED_KEYS:
             raise ExperimentError(f"{where}.grid.{key}: set by the experiment itself (use experiment.seeds)")
-        for name, chosen in variants.items():
+        for variant, chosen in variants.items():
             if key in chosen:
-                raise ExperimentError(f"{where}.grid.{key}: also set by variant {name!r}; "
+                raise ExperimentError(f"{where}.grid.{key}: also set by variant {variant!r}; "
                                       f"set each key in the grid or in the variants, not both")
         if not isinstance(values, list) or not values:
             raise ExperimentError(f"{where}.grid.{key}: expected a non-empty list of values")
