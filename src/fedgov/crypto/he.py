@@ -63,7 +63,7 @@ import os
 import struct
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -677,7 +677,8 @@ class EncryptedUpdate:
 
     def __init__(self, *, preset_name: str, fingerprint: bytes, key_id: bytes, specs: list[LayerSpec],
                  contributors: int, weight: float, chunks: list[bytes] | None = None,
-                 vectors: list[Any] | None = None, num_clipped: int | None = None) -> None:
+                 vectors: list[Any] | None = None, num_clipped: int | None = None,
+                 source: memoryview | None = None, spans: list[tuple[int, int]] | None = None) -> None:
         self.preset_name = preset_name
         self.fingerprint = fingerprint
         self.key_id = key_id
@@ -686,6 +687,10 @@ class EncryptedUpdate:
         self.weight = weight
         self._chunks = chunks
         self._vectors = vectors
+        # A parsed update keeps its received bytes and where each ciphertext lies in them;
+        # ciphertexts are copied out one at a time, as they are loaded (see iter_chunk_bytes).
+        self._source = source
+        self._spans = spans
         self.num_clipped = num_clipped
         self._bytes: bytes | None = None
 
@@ -703,12 +708,27 @@ class EncryptedUpdate:
 
     @property
     def num_chunks(self) -> int:
-        return len(self._chunks) if self._chunks is not None else len(self._vectors or [])
+        if self._chunks is not None:
+            return len(self._chunks)
+        return len(self._spans) if self._spans is not None else len(self._vectors or [])
 
     def chunk_bytes(self) -> list[bytes]:
         if self._chunks is None:
-            self._chunks = [v.serialize() for v in self._vectors or []]
+            self._chunks = list(self.iter_chunk_bytes())
         return self._chunks
+
+    def iter_chunk_bytes(self) -> Iterator[bytes]:
+        """Each ciphertext's bytes in turn, without holding them all: a 10^7-parameter update is
+        ~300 MB, and copying it out at once costs a quarter of the aggregation time."""
+        if self._chunks is not None:
+            yield from self._chunks
+        elif self._spans is not None:
+            assert self._source is not None
+            for start, length in self._spans:
+                yield bytes(self._source[start:start + length])
+        else:
+            for v in self._vectors or []:
+                yield v.serialize()
 
     def to_bytes(self) -> bytes:
         if self._bytes is None:
@@ -783,13 +803,13 @@ class EncryptedUpdate:
             pos += 4
             if n_chunks > (n - pos) // 4:
                 raise HEError("update header claims more ciphertexts than it has bytes")
-            chunks: list[bytes] = []
+            spans: list[tuple[int, int]] = []
             for _ in range(n_chunks):
                 (clen,) = struct.unpack_from("<I", buf, pos)
                 pos += 4
                 if pos + clen > n:
                     raise HEError("truncated ciphertext in encrypted update")
-                chunks.append(bytes(buf[pos:pos + clen]))
+                spans.append((pos, clen))
                 pos += clen
             if pos != n:
                 raise HEError(f"{n - pos} trailing bytes after encrypted update")
@@ -797,8 +817,11 @@ class EncryptedUpdate:
             raise HEError(f"truncated or malformed encrypted update: {e}") from None
         if len(fingerprint) != 8 or len(key_id) != 8:
             raise HEError("truncated encrypted update header")
-        return cls(preset_name=name, fingerprint=fingerprint, key_id=key_id, specs=specs,
-                   contributors=contributors, weight=weight, chunks=chunks)
+        update = cls(preset_name=name, fingerprint=fingerprint, key_id=key_id, specs=specs,
+                     contributors=contributors, weight=weight, source=buf, spans=spans)
+        if isinstance(data, bytes):
+            update._bytes = data  # immutable: re-serializing would only copy it
+        return update
 
     def __repr__(self) -> str:
         return (f"EncryptedUpdate(preset={self.preset_name!r}, params={self.num_params}, "
@@ -1119,12 +1142,12 @@ def aggregate(updates: Sequence[UpdateLike], *, context: PublicContext | SecretK
         weight += upd.weight
         if contributors > p.max_clients:
             raise HEError(f"preset {p.name!r} sums at most {p.max_clients} updates per aggregate")
-        chunks = upd.chunk_bytes()
+        chunks = upd.iter_chunk_bytes()
         if acc is None:
             acc = [_load_vector(cls, ctx, c, s, p, what) for c, s in zip(chunks, sizes)]
             continue
-        for j, s in enumerate(sizes):
-            v = _load_vector(cls, ctx, chunks[j], s, p, what)
+        for j, (c, s) in enumerate(zip(chunks, sizes)):
+            v = _load_vector(cls, ctx, c, s, p, what)
             try:
                 acc[j].add_(v)
             except Exception as e:
@@ -1177,8 +1200,8 @@ def decrypt_aggregate(aggregate: UpdateLike, *, keys: SecretKeys, total_weight: 
     ctx = keys.tenseal_context
     ranges, _ = _layout(p, upd.specs)
     pieces: list[np.ndarray] = []  # grown chunk by chunk: memory follows the real ciphertexts, not the header
-    for j, ((a, b), s) in enumerate(zip(ranges, sizes)):
-        vec = _load_vector(cls, ctx, upd.chunk_bytes()[j], s, p, "aggregate")
+    for j, ((a, b), s, chunk) in enumerate(zip(ranges, sizes, upd.iter_chunk_bytes())):
+        vec = _load_vector(cls, ctx, chunk, s, p, "aggregate")
         try:
             plain = vec.decrypt()
         except Exception as e:
