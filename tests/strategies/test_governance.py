@@ -4,25 +4,17 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import strategy as flwr_strategy
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedgov.audit import digest_arrays
 from fedgov.governance.archive import UpdateArchive
 from fedgov.strategies import WEIGHT_KEY, GovernedAggregation
 from fedgov.strategies.governance import check_update
+from tests.strategies.conftest import FakeGrid
 
 NODES = {501 + i: i for i in range(4)}  # node id -> cooperative id
 SIZES = {0: 100, 1: 10, 2: 10, 3: 80}
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-
-
-class FakeGrid:
-    def get_node_ids(self):
-        return list(NODES)
 
 
 def _global():
@@ -48,7 +40,7 @@ def _good(coop):
 
 
 def _round(strategy, make):
-    messages = list(strategy.configure_train(1, _global(), ConfigRecord(), FakeGrid()))
+    messages = list(strategy.configure_train(1, _global(), ConfigRecord(), FakeGrid(NODES)))
     replies = [make(m, NODES[m.metadata.dst_node_id]) for m in messages]
     return strategy.aggregate_train(1, replies)
 

@@ -5,23 +5,14 @@ import random
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedgov.config import Config
 from fedgov.strategies import STRATEGIES, CohortSampler, RoundRecorder, build_strategy, govern
+from tests.strategies.conftest import FakeGrid
 
 NODES = {1001 + 7 * i: i for i in range(6)}  # node id -> cooperative id
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    # Messages need a run identity; the simulation engine sets one the same way.
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-
-
-class FakeGrid:
-    def get_node_ids(self):
-        return list(NODES)
 
 
 def _global():
@@ -55,7 +46,7 @@ def _recorder(cfg, **kw):
 def test_every_named_strategy_aggregates(name):
     cfg = Config().replace(**{"strategy.name": name, "data.num_cooperatives": 6})
     recorder = _recorder(cfg)
-    messages = list(recorder.configure_train(1, _global(), ConfigRecord(), FakeGrid()))
+    messages = list(recorder.configure_train(1, _global(), ConfigRecord(), FakeGrid(NODES)))
     assert len(messages) == 6
     arrays, _ = recorder.aggregate_train(1, _replies(messages))
     assert arrays is not None
@@ -73,7 +64,7 @@ def test_fedavg_result_does_not_depend_on_reply_order():
     results = []
     for shuffle_seed in range(3):
         recorder = _recorder(cfg)
-        replies = _replies(list(recorder.configure_train(1, _global(), ConfigRecord(), FakeGrid())))
+        replies = _replies(list(recorder.configure_train(1, _global(), ConfigRecord(), FakeGrid(NODES))))
         random.Random(shuffle_seed).shuffle(replies)
         arrays, _ = recorder.aggregate_train(1, replies)
         results.append(np.concatenate([a.ravel() for a in arrays.to_numpy_ndarrays()]).tobytes())
@@ -83,7 +74,7 @@ def test_fedavg_result_does_not_depend_on_reply_order():
 def test_fedavg_weights_by_examples():
     cfg = Config().replace(**{"data.num_cooperatives": 6})
     recorder = _recorder(cfg)
-    replies = _replies(list(recorder.configure_train(1, _global(), ConfigRecord(), FakeGrid())))
+    replies = _replies(list(recorder.configure_train(1, _global(), ConfigRecord(), FakeGrid(NODES))))
     arrays, _ = recorder.aggregate_train(1, replies)
     updates = {NODES[r.metadata.src_node_id]: r.content["arrays"]["b"].numpy() for r in replies}
     weights = {c: 10 + c for c in updates}
@@ -105,7 +96,7 @@ def test_cohort_sampler_is_seeded_and_sized():
 def test_only_sampled_cooperatives_are_asked():
     cfg = Config().replace(**{"data.num_cooperatives": 6, "strategy.fraction_train": 0.5})
     recorder = _recorder(cfg)
-    messages = list(recorder.configure_train(4, _global(), ConfigRecord(), FakeGrid()))
+    messages = list(recorder.configure_train(4, _global(), ConfigRecord(), FakeGrid(NODES)))
     asked = sorted(NODES[m.metadata.dst_node_id] for m in messages)
     assert asked == recorder.current.sampled == CohortSampler(seed=0, fraction=0.5).sample(4, range(6))
 
@@ -113,7 +104,7 @@ def test_only_sampled_cooperatives_are_asked():
 def test_failed_replies_are_recorded_not_fatal():
     cfg = Config().replace(**{"data.num_cooperatives": 6})
     recorder = _recorder(cfg)
-    messages = list(recorder.configure_train(1, _global(), ConfigRecord(), FakeGrid()))
+    messages = list(recorder.configure_train(1, _global(), ConfigRecord(), FakeGrid(NODES)))
     replies = _replies(messages[1:])
     from flwr.app import Error
     replies.append(Message(Error(code=0, reason="out of memory"), reply_to=messages[0]))
@@ -127,6 +118,6 @@ def test_failed_replies_are_recorded_not_fatal():
 def test_round_offset_shows_clients_the_true_round():
     cfg = Config().replace(**{"data.num_cooperatives": 6})
     recorder = _recorder(cfg, round_offset=7)
-    messages = list(recorder.configure_train(1, _global(), ConfigRecord(), FakeGrid()))
+    messages = list(recorder.configure_train(1, _global(), ConfigRecord(), FakeGrid(NODES)))
     assert recorder.current.round == 8
     assert messages[0].content["config"]["server-round"] == 8

@@ -4,25 +4,17 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import strategy as flwr_strategy
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedgov.crypto import PublicContext, encrypt_update, generate_keys
 from fedgov.crypto.keys import COOPERATIVE_CONTEXT, provision
 from fedgov.governance.archive import UpdateArchive
 from fedgov.strategies.secure_he import HESecureAggregation
+from tests.strategies.conftest import FakeGrid
 
 NODES = {701 + i: i for i in range(5)}
 SIZES = {c: 10 for c in NODES.values()}
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-
-
-class FakeGrid:
-    def get_node_ids(self):
-        return list(NODES)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +35,7 @@ def test_bad_ciphertexts_are_rejected_and_the_rest_are_summed(key_dir, tmp_path)
         key_holder="custodian", examples=SIZES, node_to_cooperative=NODES, verify=False, policy="equal",
         archive=archive)
     start = ArrayRecord({"w": Array(np.zeros((3, 4), dtype=np.float32))})
-    messages = list(strategy.configure_train(1, start, ConfigRecord(), FakeGrid()))
+    messages = list(strategy.configure_train(1, start, ConfigRecord(), FakeGrid(NODES)))
     weight = messages[0].content["config"]["he-weight"]
     assert weight == pytest.approx(0.2)
 
@@ -86,6 +78,6 @@ def test_each_cooperative_is_told_its_own_weight(key_dir):
         flwr_strategy.FedAvg(fraction_train=1.0, min_train_nodes=1, min_available_nodes=1), key_dir=key_dir,
         key_holder="custodian", examples=sizes, node_to_cooperative=NODES, verify=False, policy="samples")
     start = ArrayRecord({"w": Array(np.zeros((3, 4), dtype=np.float32))})
-    messages = list(strategy.configure_train(1, start, ConfigRecord(), FakeGrid()))
+    messages = list(strategy.configure_train(1, start, ConfigRecord(), FakeGrid(NODES)))
     told = {NODES[m.metadata.dst_node_id]: m.content["config"]["he-weight"] for m in messages}
     assert told == pytest.approx({c: (c + 1) / 15 for c in range(5)})
