@@ -214,18 +214,24 @@ def attack_success_rate(model: nn.Module, x: np.ndarray, y: np.ndarray, *, trigg
     if not eligible.any():
         return 0.0
     stamped = trigger.stamp(np.asarray(x, dtype=np.float32)[eligible])
+    predicted = _predict(model, stamped, device=device, batch_size=batch_size)
+    return int(np.count_nonzero(predicted == target_label)) / len(stamped)
+
+
+def _predict(model: nn.Module, x: np.ndarray, *, device: torch.device | str, batch_size: int = 512) -> np.ndarray:
+    """Predicted classes in eval mode, without gradients; the model's training mode is restored."""
     was_training = model.training
     model.to(device)
     model.eval()
-    hits = 0
+    out = []
     try:
         with torch.no_grad():
-            for start in range(0, len(stamped), batch_size):
-                xb = torch.from_numpy(np.ascontiguousarray(stamped[start:start + batch_size])).to(device)
-                hits += int((model(xb).argmax(dim=1) == target_label).sum().item())
+            for start in range(0, len(x), batch_size):
+                xb = torch.from_numpy(np.ascontiguousarray(x[start:start + batch_size], dtype=np.float32)).to(device)
+                out.append(model(xb).argmax(dim=1).cpu().numpy())
     finally:
         model.train(was_training)
-    return hits / len(stamped)
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
 
 def trigger_for(federation: Any, *, size: int) -> Trigger:
@@ -246,15 +252,7 @@ def success_rate(kind: str, model: nn.Module, x: np.ndarray, y: np.ndarray, *, t
     if kind in ("off", *_BACKDOOR_KINDS):
         return attack_success_rate(model, x, y, trigger=trigger, target_label=target_label, device=device)
     y = np.asarray(y)
-    was_training = model.training
-    model.to(device)
-    model.eval()
-    try:
-        with torch.no_grad():
-            predicted = model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)).argmax(1)
-        predicted = predicted.cpu().numpy()
-    finally:
-        model.train(was_training)
+    predicted = _predict(model, np.asarray(x), device=device)
     if kind == "noise":
         return float(np.mean(predicted != y)) if len(y) else 0.0
     flipped = num_classes - 1 - y

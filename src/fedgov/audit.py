@@ -78,8 +78,8 @@ def _default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def digest_bytes(b: bytes) -> str:
-    """Hex SHA-256 of ``b``."""
+def digest_bytes(b: bytes | bytearray | memoryview) -> str:
+    """Hex SHA-256 of ``b`` (any contiguous bytes-like object: no copy is made)."""
     return hashlib.sha256(b).hexdigest()
 
 

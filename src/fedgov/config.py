@@ -365,13 +365,13 @@ def _check_governance(cfg: Config, where: str) -> None:
         except AttackError as exc:
             raise ConfigError(f"{where}: {exc}") from None
     if cfg.heterogeneity.compute == "tiers":
+        from .heterogeneity import parse_tiers
+
         try:
-            speeds = [float(t) for t in cfg.heterogeneity.tiers.split(",")]
+            parse_tiers(cfg.heterogeneity.tiers)
         except ValueError:
-            speeds = []
-        if not speeds or min(speeds) <= 0:
             raise ConfigError(f"{where}: heterogeneity.tiers: {cfg.heterogeneity.tiers!r} is not a comma-separated "
-                              f"list of positive speeds")
+                              f"list of positive speeds") from None
 
 
 def _check_secagg(cfg: Config, where: str) -> None:

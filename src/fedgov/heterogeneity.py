@@ -16,11 +16,19 @@ import numpy as np
 
 from .config import HeterogeneityConfig
 
-__all__ = ["MissedDeadline", "compute_speeds", "local_steps", "simulated_seconds", "misses_deadline"]
+__all__ = ["MissedDeadline", "compute_speeds", "local_steps", "misses_deadline", "parse_tiers", "simulated_seconds"]
 
 
 class MissedDeadline(RuntimeError):
     """A cooperative too slow for the round deadline sits the round out."""
+
+
+def parse_tiers(text: str) -> list[float]:
+    """``"1.0,0.3,0.1"`` -> the tier speeds; ValueError unless all are positive numbers."""
+    speeds = [float(t) for t in text.split(",")]
+    if min(speeds) <= 0:
+        raise ValueError(f"{text!r}: speeds must be positive")
+    return speeds
 
 
 def compute_speeds(cfg: HeterogeneityConfig, num_cooperatives: int, *, seed: int) -> np.ndarray:
@@ -30,7 +38,7 @@ def compute_speeds(cfg: HeterogeneityConfig, num_cooperatives: int, *, seed: int
     rng = np.random.default_rng([seed, 0xC0417])
     if cfg.compute == "lognormal":
         return np.exp(rng.normal(0.0, cfg.sigma, size=num_cooperatives))
-    tiers = [float(t) for t in cfg.tiers.split(",")]
+    tiers = parse_tiers(cfg.tiers)
     order = rng.permutation(num_cooperatives)
     speeds = np.empty(num_cooperatives)
     for position, coop in enumerate(order):  # deal cooperatives to tiers, so tiers are (nearly) equal in size

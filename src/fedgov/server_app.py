@@ -9,7 +9,6 @@ global test set, and the run directory (``fedgov.run_record``).
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from logging import INFO
@@ -184,10 +183,7 @@ def open_audit(run_dir: Path, cfg: Config, *, cooperatives: dict[int, dict[str, 
         audit.append("run_resume", {"from_round": _checkpoint_round(run_dir) if resuming else 0})
         return audit
     audit = AuditLog(run_dir)
-    key_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(audit.private_key_bytes)
+    atomic_write_bytes(key_path, audit.private_key_bytes, mode=0o600)
     escrow = None
     if cfg.secure.aggregation == "he":
         escrow_meta = run_dir / "escrow" / "escrow.json"

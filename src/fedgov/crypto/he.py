@@ -936,14 +936,16 @@ def _check_update(upd: EncryptedUpdate, context: _Context, what: str) -> list[in
 
 
 def check_update(update: EncryptedUpdate, *, context: PublicContext | SecretKeys,
-                 shapes: Sequence[Sequence[int]] | None = None) -> None:
-    """Header checks of one received update (preset, keys, layout, shapes); raises :class:`HEError`.
+                 shapes: Sequence[Sequence[int]] | None = None, what: str = "update") -> list[int]:
+    """Header checks of one update (preset, keys, layout, shapes); raises :class:`HEError`.
 
-    Cheap: no ciphertext is loaded. ``aggregate`` still validates each ciphertext's bytes.
+    Cheap: no ciphertext is loaded (``aggregate`` still validates each ciphertext's bytes).
+    Returns the number of slots of each ciphertext.
     """
-    _check_update(update, context, "update")
+    sizes = _check_update(update, context, what)
     if shapes is not None and [tuple(s) for s in shapes] != update.shapes:
-        raise HEError(f"update has layer shapes {update.shapes}, expected {[tuple(s) for s in shapes]}")
+        raise HEError(f"{what} has layer shapes {update.shapes}, expected {[tuple(s) for s in shapes]}")
+    return sizes
 
 
 def _load_vector(cls: Any, ctx: ts.Context, data: bytes, size: int, preset: HEPreset, what: str) -> Any:
@@ -1186,9 +1188,7 @@ def decrypt_aggregate(aggregate: UpdateLike, *, keys: SecretKeys, total_weight: 
         raise HEError("decrypting needs SecretKeys; a PublicContext cannot decrypt")
     upd = EncryptedUpdate.from_bytes(aggregate)
     p = keys.preset
-    sizes = _check_update(upd, keys, "aggregate")
-    if shapes is not None and [tuple(s) for s in shapes] != upd.shapes:
-        raise HEError(f"aggregate has layer shapes {upd.shapes}, expected {[tuple(s) for s in shapes]}")
+    sizes = check_update(upd, context=keys, shapes=shapes, what="aggregate")
     W = upd.weight if total_weight is None else float(total_weight)
     if not (math.isfinite(W) and W > 0):
         raise HEError(f"total_weight must be positive, got {W}")

@@ -20,8 +20,9 @@ folder on one machine, which is a simulation's trust assumption, not fedgov's cl
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
+
+from ..results import atomic_write_bytes
 
 __all__ = ["provision", "AGGREGATOR_CONTEXT", "COOPERATIVE_KEYS", "COOPERATIVE_CONTEXT", "CUSTODIAN_KEYS",
            "ESCROW_DIR", "BOARD_DIR"]
@@ -35,11 +36,7 @@ BOARD_DIR = "board"
 
 
 def _write(path: Path, data: bytes, *, secret: bool) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if secret else 0o644)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    tmp.replace(path)
+    atomic_write_bytes(path, data, mode=0o600 if secret else 0o644)
 
 
 def provision(key_dir: str | Path, *, preset: str, key_holder: str, board_size: int = 5,

@@ -24,7 +24,9 @@ __all__ = ["ARCHIVE_DIR", "UpdateArchive"]
 ARCHIVE_DIR = "updates"
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def _write_atomic(path: Path, data: bytes | memoryview) -> None:
+    # Like fedgov.results.atomic_write_bytes but without fsync: these files are written on
+    # every round's path, and the signed digests in the audit log catch a torn one.
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(data)
@@ -45,7 +47,7 @@ class UpdateArchive:
         _write_atomic(path, buffer.getvalue())
         return path
 
-    def save_bytes(self, server_round: int, name: str, data: bytes) -> Path:
+    def save_bytes(self, server_round: int, name: str, data: bytes | memoryview) -> Path:
         path = self.round_dir(server_round) / f"{name}.he"
         _write_atomic(path, data)
         return path

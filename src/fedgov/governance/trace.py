@@ -168,8 +168,8 @@ def trace(run_dir: str | Path, *, shares: Sequence[Path] = (), misbehaviour: str
         before = loss(model)
         for coop, path in archive.cooperative_files(server_round).items():
             expected = body["updates"].get(str(coop))
-            data = path.read_bytes()
             if path.suffix == ".he":
+                data = path.read_bytes()
                 actual = digest_bytes(data)
             else:
                 arrays = UpdateArchive.load_arrays(path)

@@ -116,10 +116,10 @@ class GovernedAggregation(Strategy):
             if reply.has_error():  # the recorder notes it; the inner strategy skips it
                 continue
             coop = self.node_to_cooperative.get(reply.metadata.src_node_id, -1)
-            arrays = reply.content.get("arrays") if "arrays" in reply.content else None
+            arrays = reply.content.get("arrays")
             reason = ("no model arrays in the reply" if not isinstance(arrays, ArrayRecord)
                       else check_update(arrays, self._reference, max_norm=self.max_update_norm))
-            metrics = reply.content["metrics"] if "metrics" in reply.content else {}
+            metrics = reply.content.get("metrics", {})
             size = metrics.get("num-examples") if reason is None else None
             if reason is None and not (isinstance(size, (int, float)) and np.isfinite(size) and size > 0):
                 reason = f"claimed data size {size!r} is not a positive number"

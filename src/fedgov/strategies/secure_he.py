@@ -134,34 +134,33 @@ class HESecureAggregation(Strategy):
                 continue
             updates.append(update)
             accepted.append(reply)
-            blobs.append(np.ascontiguousarray(blob).tobytes())
-        if len(updates) < 2:  # a key holder decrypts sums, never one update: keep the model this round
+            blobs.append(np.ascontiguousarray(blob))  # a view: digested and archived as received, not copied
+        started = time.perf_counter()
+        summed = None
+        if len(updates) >= 2:
+            try:
+                summed = aggregate(updates, context=self.context)
+            except HEError:  # a ciphertext whose bytes are bad: find it, reject it, sum the rest
+                keep = []
+                for i, update in enumerate(updates):
+                    try:
+                        aggregate([update], context=self.context)
+                        keep.append(i)
+                    except HEError as exc:
+                        reject(accepted[i], str(exc))
+                updates, accepted, blobs = ([seq[i] for i in keep] for seq in (updates, accepted, blobs))
+                if len(updates) >= 2:
+                    summed = aggregate(updates, context=self.context)
+        if summed is None:  # a key holder decrypts sums, never one update: keep the model this round
             self.last = {"rejected": rejected, "digests": {}, "weights": {},
                          "skipped": f"{len(updates)} valid update(s): no aggregate of at least 2 to decrypt"}
             return None, None
-        started = time.perf_counter()
-        try:
-            summed = aggregate(updates, context=self.context)
-        except HEError:  # a ciphertext whose bytes are bad: find it, reject it, sum the rest
-            keep = []
-            for i, update in enumerate(updates):
-                try:
-                    aggregate([update], context=self.context)
-                    keep.append(i)
-                except HEError as exc:
-                    reject(accepted[i], str(exc))
-            updates, accepted, blobs = ([seq[i] for i in keep] for seq in (updates, accepted, blobs))
-            if len(updates) < 2:
-                self.last = {"rejected": rejected, "digests": {}, "weights": {},
-                             "skipped": f"{len(updates)} valid update(s): no aggregate of at least 2 to decrypt"}
-                return None, None
-            summed = aggregate(updates, context=self.context)
         seconds_aggregate = time.perf_counter() - started
         contributors = [self.node_to_cooperative.get(r.metadata.src_node_id, -1) for r in accepted]
-        digests = {c: digest_bytes(b) for c, b in zip(contributors, blobs)}
+        digests = {c: digest_bytes(memoryview(b)) for c, b in zip(contributors, blobs)}
         if self.archive is not None:
             for coop, data in zip(contributors, blobs):
-                self.archive.save_bytes(server_round, f"coop_{coop:03d}", data)
+                self.archive.save_bytes(server_round, f"coop_{coop:03d}", memoryview(data))
         self.last = {"rejected": rejected, "digests": digests,
                      "weights": {c: self._weights[c] for c in contributors if c in self._weights}}
         average_delta, seconds_decrypt = self._decrypt(summed, accepted)
