@@ -34,7 +34,7 @@ from fedgov.crypto.packing import chunk_ranges, flatten, pack_digits, unflatten,
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "fedgov"
 
-# Layers straddle ciphertext boundaries (2048 standard slots, 12288 compact values),
+# Layers straddle ciphertext boundaries (4096 standard values, 12288 compact values),
 # and the total (13209) is neither a multiple of the slot count nor even.
 SHAPES = [(37, 111), (5000,), (3,), (2, 2049), (1,)]
 # A realistic ~1e5-parameter model: an MLP 64-1280-64-10 plus GroupNorm-like vectors.
@@ -203,9 +203,35 @@ def test_bytes_per_param(keys):
         bpp[name] = bytes_per_param(data)
         assert bpp[name] == pytest.approx(len(data) / n)
         assert bpp[name] <= k.preset.max_bytes_per_param, (name, bpp[name])
-    assert bpp["standard"] <= 34.0
+    assert bpp["standard"] <= 16.0
     assert bpp["compact"] <= 12.0
     assert bpp["standard"] <= 0.6 * bpp["flare"], bpp
+
+
+def test_standard_carries_two_values_per_complex_slot(keys):
+    # TenSEAL's CKKSVector fills only the real parts; standard uses the imaginary parts
+    # too, so one ciphertext holds N values and each value costs half the bytes.
+    k = keys("standard", "clients")
+    n = k.preset.poly_modulus_degree
+    assert k.preset.values_per_ciphertext == n
+    x = [np.linspace(-1.0, 1.0, n)]
+    upd = encrypt_update(x, context=k, weight=0.5, workers=1)
+    assert upd.num_chunks == 1
+    real_only = ts.ckks_vector(k.tenseal_context, x[0][: n // 2].tolist()).serialize()
+    per_value = len(upd.chunk_bytes()[0]) / n
+    assert per_value <= 0.55 * len(real_only) / (n // 2)
+    assert max_abs_error(decrypt_aggregate(upd, keys=k), x) <= 1e-6
+
+
+def test_values_near_the_complex_slot_bound(keys):
+    # Two values of size B share a slot of modulus up to sqrt(2) B: the bound is divided by sqrt(2).
+    k = keys("standard", "clients")
+    bound = k.preset.ckks_value_bound
+    assert bound == pytest.approx(2.0 ** 13 / 1000 / math.sqrt(2))
+    ok = [np.full(64, 0.99 * bound)]
+    assert max_abs_error(decrypt_aggregate(encrypt_update(ok, context=k, weight=1.0, workers=1), keys=k), ok) <= 1e-6
+    with pytest.raises(HEError, match="above"):
+        encrypt_update([np.full(64, 1.01 * bound)], context=k, weight=1.0, workers=1)
 
 
 def test_bytes_per_param_on_the_default_model(keys):
@@ -435,7 +461,7 @@ def test_wire_format_header(keys):
     back = EncryptedUpdate.from_bytes(arr)
     assert back.shapes == SHAPES and back.weight == 0.25 and back.contributors == 1
     assert back.preset_name == "standard" and back.key_id == k.key_id
-    assert back.num_chunks == -(-sum(math.prod(s) for s in SHAPES) // k.preset.slots)
+    assert back.num_chunks == -(-sum(math.prod(s) for s in SHAPES) // k.preset.values_per_ciphertext)
     data = bytes(arr)
     assert data[:4] == b"FGHU" and data[6] == len("standard")
     (n_chunks,) = struct.unpack_from("<I", data, 7 + 8 + 16 + 16 + sum(2 + 8 * len(s) for s in SHAPES))

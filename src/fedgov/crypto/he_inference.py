@@ -51,16 +51,11 @@ Precision: CKKS is approximate; see each preset's ``precision`` (max abs logit e
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
-import itertools
 import json
 import math
 import os
-import shutil
 import struct
-import tempfile
-import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,7 +63,7 @@ import numpy as np
 import tenseal as ts
 from tenseal import sealapi
 
-from .he import HEError, check_parameters, preset_from_json
+from .he import HEError, _SealFiles, check_parameters, preset_from_json
 
 __all__ = [
     "DEFAULT_INFERENCE_PRESET",
@@ -373,61 +368,6 @@ def _unpack_blobs(buf: memoryview, pos: int, what: str) -> list[bytes]:
     if pos != len(buf):
         raise HEError(f"{what}: {len(buf) - pos} trailing bytes")
     return blobs
-
-
-class _SealFiles:
-    """``tenseal.sealapi`` saves and loads a ciphertext only through a file path, so
-    responses go through a private directory on tmpfs (/dev/shm) where there is one:
-    ~0.3 ms to save and ~0.2 ms to load a 131 KB ciphertext, counted in the latency."""
-
-    _dir: str | None = None
-    _pid: int | None = None
-    _lock = threading.Lock()
-    _count = itertools.count()
-
-    @staticmethod
-    def _cleanup(path: str, pid: int) -> None:
-        if os.getpid() == pid:  # not from a forked child that inherited the handler
-            shutil.rmtree(path, ignore_errors=True)
-
-    @classmethod
-    def _path(cls) -> str:
-        with cls._lock:
-            pid = os.getpid()
-            if cls._dir is None or cls._pid != pid or not os.path.isdir(cls._dir):
-                base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-                cls._dir, cls._pid = tempfile.mkdtemp(prefix="fedgov-he-", dir=base), pid
-                atexit.register(cls._cleanup, cls._dir, pid)
-            n = next(cls._count)
-        return os.path.join(cls._dir, f"{threading.get_ident()}-{n}.ct")
-
-    @classmethod
-    def dump(cls, ct: Any) -> bytes:
-        path = cls._path()
-        try:
-            ct.save(path)
-            with open(path, "rb") as f:
-                return f.read()
-        finally:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-
-    @classmethod
-    def load(cls, seal_context: Any, data: bytes) -> Any:
-        path = cls._path()
-        try:
-            with open(path, "wb") as f:
-                f.write(data)
-            ct = sealapi.Ciphertext()
-            ct.load(seal_context, path)  # SEAL checks the ciphertext against the parameters
-            return ct
-        finally:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
 
 
 # ---------------------------------------------------------------------------------
