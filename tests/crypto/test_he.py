@@ -383,7 +383,7 @@ def test_truncated_and_garbage_bytes_raise_heerror(preset, keys):
     good = _blob(k)
     _process(good, k)
     rng = np.random.default_rng(0)
-    cuts = sorted({0, 1, 3, 4, 5, 10, 30, 60, 100, 120, len(good) - 1, *rng.integers(0, len(good), 20).tolist()})
+    cuts = sorted({*range(120), len(good) - 1, *rng.integers(0, len(good), 20).tolist()})  # every header byte
     for cut in cuts:
         with pytest.raises(HEError):
             _process(good[:cut], k)
