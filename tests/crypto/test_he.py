@@ -175,15 +175,20 @@ def test_unnormalized_weights_and_explicit_total(keys):
 
 
 @pytest.mark.filterwarnings("error::RuntimeWarning")  # a silent fall-back to one process would fail here
-def test_parallel_encryption_matches(keys):
-    k = keys("standard", "clients")
-    x = _clients([(40_000,)], 1, seed=3)[0]
-    par = encrypt_update(x, context=k, weight=0.5, workers=2)
+@pytest.mark.parametrize(("preset", "mode"), [("standard", "clients"), ("standard", "custodian"),
+                                              ("compact", "clients")])
+def test_parallel_encryption_matches(keys, preset, mode):
+    k = keys(preset, mode)
+    enc = k if mode == "clients" else k.public_context()
+    x = _clients([(40_000,), (9,)], 1, seed=3)[0]
+    par = encrypt_update(x, context=enc, weight=0.5, workers=2)
     from fedgov.crypto import he
 
     assert he._POOL is not None and not he._POOL_BROKEN  # a worker process did encrypt
-    assert par.num_chunks == -(-40_000 // k.preset.values_per_ciphertext)
-    assert max_abs_error(decrypt_aggregate(par, keys=k), x) <= 1e-6
+    assert par.num_chunks == -(-40_009 // k.preset.values_per_ciphertext) >= 4
+    one = encrypt_update(x, context=enc, weight=0.5, workers=1)
+    assert par.num_bytes == pytest.approx(one.num_bytes, rel=0.01)  # same layout, zstd sizes vary a little
+    assert max_abs_error(decrypt_aggregate(par, keys=k), x) <= k.preset.precision
 
 
 # ---------------------------------------------------------------------------------

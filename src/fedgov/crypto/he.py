@@ -779,20 +779,20 @@ class EncryptedUpdate:
             for v in self._vectors or []:
                 yield v.serialize()
 
+    def _header_bytes(self) -> bytes:
+        """Everything before the ciphertext count."""
+        name = self.preset_name.encode("ascii")
+        parts = [_HEAD.pack(_UPD_MAGIC, _VERSION, 0), struct.pack("<B", len(name)), name,
+                 self.fingerprint, self.key_id, struct.pack("<Id", self.contributors, self.weight),
+                 struct.pack("<I", len(self.specs))]
+        for code, shape in self.specs:
+            parts.append(struct.pack(f"<BB{len(shape)}Q", code, len(shape), *shape))
+        return b"".join(parts)
+
     def to_bytes(self) -> bytes:
         if self._bytes is None:
-            name = self.preset_name.encode("ascii")
-            parts = [_HEAD.pack(_UPD_MAGIC, _VERSION, 0), struct.pack("<B", len(name)), name,
-                     self.fingerprint, self.key_id, struct.pack("<Id", self.contributors, self.weight),
-                     struct.pack("<I", len(self.specs))]
-            for code, shape in self.specs:
-                parts.append(struct.pack(f"<BB{len(shape)}Q", code, len(shape), *shape))
             chunks = self.chunk_bytes()
-            parts.append(struct.pack("<I", len(chunks)))
-            for c in chunks:
-                parts.append(struct.pack("<I", len(c)))
-                parts.append(c)
-            self._bytes = b"".join(parts)
+            self._bytes = b"".join([self._header_bytes(), _U32.pack(len(chunks)), *_wire_chunks(chunks)])
         return self._bytes
 
     def to_numpy(self) -> np.ndarray:
@@ -1149,37 +1149,81 @@ def shutdown_workers() -> None:
 atexit.register(shutdown_workers)
 
 
-def _worker_encrypt(token: bytes, ctx_bytes: bytes, preset_json: str, blocks: list[np.ndarray]) -> list[bytes]:
+def _worker_encrypt(token: bytes, ctx_bytes: bytes, preset_json: str, in_path: str, dtype: str,
+                    lengths: list[int], out_path: str) -> None:
+    """Encrypt the blocks stored one after another in ``in_path``; write them to ``out_path``
+    as they go on the wire (each ciphertext after its uint32 length).
+
+    Blocks and ciphertexts travel through files on tmpfs rather than the pool's pipe: a
+    10^7-parameter update is ~200 MB each way, and piping it through a parent busy encrypting
+    its own share (TenSEAL holds the GIL) slowed the worker's share down.
+    """
     ctx = _WORKER_CONTEXTS.get(token)
     if ctx is None:
         if len(_WORKER_CONTEXTS) >= 4:
             _WORKER_CONTEXTS.clear()
         ctx = _WORKER_CONTEXTS[token] = ts.context_from(ctx_bytes, n_threads=1)
     preset = HEPreset.from_json(preset_json)
-    return [_encrypt_one(ctx, preset, b) for b in blocks]
+    values = np.fromfile(in_path, dtype=np.dtype(dtype))
+    bounds = np.cumsum([0, *lengths]).tolist()
+    with open(out_path, "wb") as f:
+        for i in range(len(lengths)):
+            chunk = _encrypt_one(ctx, preset, values[bounds[i]:bounds[i + 1]])
+            f.write(_U32.pack(len(chunk)))
+            f.write(chunk)
+
+
+def _wire_chunks(chunks: Sequence[bytes]) -> list[bytes]:
+    """Ciphertexts as the update's wire format lays them out: each after its uint32 length."""
+    out = []
+    for c in chunks:
+        out += (_U32.pack(len(c)), c)
+    return out
 
 
 def _encrypt_blocks(context: _Context, blocks: list[np.ndarray], workers: int) -> list[bytes]:
-    """Encrypt ``blocks`` (one ciphertext each), over ``workers`` processes counting this one."""
+    """Encrypt ``blocks`` (one ciphertext each), over ``workers`` processes counting this one.
+
+    Returns the chunk section of the update's wire format (without the count), in pieces.
+    """
     global _POOL_BROKEN
     local = context.tenseal_context, context.preset
     if workers <= 1 or len(blocks) < 2 * workers or _POOL_BROKEN:
-        return [_encrypt_one(*local, b) for b in blocks]
+        return _wire_chunks([_encrypt_one(*local, b) for b in blocks])
     ctx_bytes = context._encryption_bytes()
     token = context.key_id + hashlib.sha256(ctx_bytes).digest()[:8]
     pj = context.preset.to_json()
     per = -(-len(blocks) // workers)
     groups = [blocks[i:i + per] for i in range(0, len(blocks), per)]
-    try:  # workers - 1 processes take all groups but the first ...
-        pool = _get_pool(workers - 1)
-        futures = [pool.submit(_worker_encrypt, token, ctx_bytes, pj, g) for g in groups[1:]]
-    except Exception as e:
-        return _pool_failed(e, local, blocks)
-    mine = [_encrypt_one(*local, b) for b in groups[0]]  # ... which this process encrypts meanwhile
+    paths: list[str] = []
     try:
-        return mine + [c for f in futures for c in f.result()]
-    except Exception as e:  # a worker died, or could not start (e.g. a __main__ read from stdin)
-        return _pool_failed(e, local, blocks)
+        jobs = []
+        try:  # workers - 1 processes take all groups but the first ...
+            pool = _get_pool(workers - 1)
+            for group in groups[1:]:
+                in_path, out_path = _SealFiles._path(), _SealFiles._path()
+                paths += [in_path, out_path]
+                joined = np.concatenate(group)
+                joined.tofile(in_path)
+                jobs.append((pool.submit(_worker_encrypt, token, ctx_bytes, pj, in_path, joined.dtype.str,
+                                         [len(b) for b in group], out_path), out_path))
+        except Exception as e:
+            return _pool_failed(e, local, blocks)
+        out = _wire_chunks([_encrypt_one(*local, b) for b in groups[0]])  # ... this process encrypts meanwhile
+        try:
+            for future, out_path in jobs:
+                future.result()
+                with open(out_path, "rb") as f:
+                    out.append(f.read())
+            return out
+        except Exception as e:  # a worker died, or could not start (e.g. a __main__ read from stdin)
+            return _pool_failed(e, local, blocks)
+    finally:
+        for path in paths:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
 
 
 def _pool_failed(e: Exception, local: tuple[ts.Context, HEPreset], blocks: list[np.ndarray]) -> list[bytes]:
@@ -1190,7 +1234,7 @@ def _pool_failed(e: Exception, local: tuple[ts.Context, HEPreset], blocks: list[
     shutdown_workers()
     warnings.warn(f"fedgov.crypto: encryption worker processes failed ({type(e).__name__}: {e}); "
                   f"encrypting in this process from now on", RuntimeWarning, stacklevel=4)
-    return [_encrypt_one(*local, b) for b in blocks]
+    return _wire_chunks([_encrypt_one(*local, b) for b in blocks])
 
 
 # ---------------------------------------------------------------------------------
@@ -1226,16 +1270,17 @@ def encrypt_update(arrays: Sequence[np.ndarray], *, context: SecretKeys | Public
         raise HEError(str(e)) from None
     if flat.size == 0:
         raise HEError("nothing to encrypt: the update has no parameters")
-    if not np.all(np.isfinite(flat)):
+    lo, hi = float(flat.min()), float(flat.max())  # NaN and inf propagate: two passes, no temporary array
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         raise HEError("the update holds NaN or infinite values")
     num_clipped: int | None = None
     if p.scheme == "ckks":
-        values = flat * weight
-        peak = float(np.max(np.abs(values)))
+        peak = max(hi, -lo) * weight
         if peak > p.ckks_value_bound:
             raise HEError(f"preset {p.name!r}: |weight x value| reaches {peak:.4g}, above {p.ckks_value_bound:.4g} "
-                          f"(2^{p.data_coeff_bits - p.scale_bits - 1} / max_clients); use fractional weights "
-                          f"n_k / n_total")
+                          f"(the modulus headroom shared by max_clients = {p.max_clients} updates); use "
+                          f"fractional weights n_k / n_total")
+        values = flat * weight
     else:
         if weight > 1.0:
             raise HEError(f"preset {p.name!r} needs a fractional weight 0 < w <= 1 (n_k / n_total), got {weight}")
@@ -1248,9 +1293,13 @@ def encrypt_update(arrays: Sequence[np.ndarray], *, context: SecretKeys | Public
         blocks = [pack_digits(values[a:b], p.digit_base, p.values_per_slot) for a, b in ranges]
     else:
         blocks = [values[a:b] for a, b in ranges]
-    chunks = _encrypt_blocks(context, blocks, default_workers() if workers is None else int(workers))
-    return EncryptedUpdate(preset_name=p.name, fingerprint=p.fingerprint(), key_id=context.key_id, specs=specs,
-                           contributors=1, weight=weight, chunks=chunks, num_clipped=num_clipped)
+    wire_chunks = _encrypt_blocks(context, blocks, default_workers() if workers is None else int(workers))
+    head = EncryptedUpdate(preset_name=p.name, fingerprint=p.fingerprint(), key_id=context.key_id, specs=specs,
+                           contributors=1, weight=weight, chunks=[])._header_bytes()
+    # One join builds the message (a 10^7-parameter update is ~150 MB): parsing it back only indexes it.
+    update = EncryptedUpdate.from_bytes(b"".join([head, _U32.pack(len(blocks)), *wire_chunks]))
+    update.num_clipped = num_clipped
+    return update
 
 
 UpdateLike = Union[EncryptedUpdate, bytes, bytearray, memoryview, np.ndarray]
