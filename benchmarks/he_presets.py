@@ -1,6 +1,6 @@
 """The measured numbers in docs/he_presets.md: bytes per parameter, error and encryption cost of each preset.
 
-    python benchmarks/he_presets.py            # ~2 minutes on 2 cores
+    python benchmarks/he_presets.py > benchmarks/results/<machine>-<date>/he_presets.md   # ~3 minutes on 2 cores
 
 Bytes per parameter for fedgov's default model (8,970 parameters) and a
 99,450-parameter MLP (784-120-40-10); max abs error against plaintext FedAvg for
@@ -56,24 +56,25 @@ def encrypt_us_per_param(preset: str, mode: str, workers: int, params: int = 1_0
     return best / params * 1e6
 
 
+ROWS = (("standard", "clients"), ("standard", "custodian"), ("compact", "clients"), ("compact", "custodian"),
+        ("flare", "custodian"))
+
+
 def main() -> None:
     default = default_model_arrays()
     rng = np.random.default_rng(0)
     mlp = [rng.normal(0, 0.1, s) for s in MLP_SHAPES]
-    print("| preset | B/param, default model | B/param, 99,450 params | max abs error, clients | max abs error, custodian |")
-    print("|---|---|---|---|---|")
-    for name in ("standard", "flare", "compact"):
-        keys = he.generate_keys(name, mode="custodian" if name == "flare" else "clients")
-        enc = keys if keys.mode == "clients" else keys.public_context()
+    print("| preset, who encrypts | B/param, default model | B/param, 99,450 params | max abs error |")
+    print("|---|---|---|---|")
+    for name, mode in ROWS:
+        keys = he.generate_keys(name, mode=mode)
+        enc = keys if mode == "clients" else keys.public_context()
         bpp = [he.bytes_per_param(he.encrypt_update(x, context=enc, weight=0.1, workers=1)) for x in (default, mlp)]
-        err_clients = "-" if name == "flare" else f"{max_error(name, 'clients'):.2g}"
-        print(f"| {name} | {bpp[0]:.1f} | {bpp[1]:.1f} | {err_clients} | {max_error(name, 'custodian'):.2g} |",
-              flush=True)
+        print(f"| {name}, {mode} | {bpp[0]:.1f} | {bpp[1]:.1f} | {max_error(name, mode):.2g} |", flush=True)
     print()
-    print("| preset / who encrypts | 1 process, µs/param | 2 processes, µs/param |")
+    print("| preset, who encrypts | 1 process, µs/param | 2 processes, µs/param |")
     print("|---|---|---|")
-    for name, mode in (("standard", "clients"), ("standard", "custodian"), ("compact", "clients"),
-                       ("compact", "custodian"), ("flare", "custodian")):
+    for name, mode in ROWS:
         one, two = (encrypt_us_per_param(name, mode, w) for w in (1, 2))
         print(f"| {name}, {mode} | {one:.2f} | {two:.2f} |", flush=True)
     he.shutdown_workers()

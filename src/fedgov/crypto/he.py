@@ -1231,11 +1231,10 @@ def _encrypt_blocks(context: _Context, blocks: list[np.ndarray], workers: int) -
             pool = _get_pool(workers - 1)
             for i, group in enumerate(groups[1:]):
                 in_path, out_path = _SealFiles.scratch(f"in-{i}"), _SealFiles.scratch(f"out-{i}")
-                joined = np.concatenate(group)
-                with _overwrite(in_path) as f:
-                    f.write(memoryview(joined).cast("B"))
+                with _overwrite(in_path) as f:  # block by block: no copy of the whole share
+                    f.writelines(np.ascontiguousarray(b).data.cast("B") for b in group)
                     f.truncate()
-                jobs.append((pool.submit(_worker_encrypt, token, ctx_bytes, pj, in_path, joined.dtype.str,
+                jobs.append((pool.submit(_worker_encrypt, token, ctx_bytes, pj, in_path, group[0].dtype.str,
                                          [len(b) for b in group], out_path), out_path))
         except Exception as e:
             return _pool_failed(e, local, blocks)
@@ -1291,7 +1290,7 @@ def encrypt_update(arrays: Sequence[np.ndarray], *, context: SecretKeys | Public
     if not (math.isfinite(weight) and weight > 0):
         raise HEError(f"weight must be positive and finite, got {weight}")
     try:
-        flat, specs = flatten(arrays)
+        flat, specs = flatten(arrays, dtype=None)  # widened below, in one pass with the weighting
     except TypeError as e:
         raise HEError(str(e)) from None
     if flat.size == 0:
@@ -1306,11 +1305,12 @@ def encrypt_update(arrays: Sequence[np.ndarray], *, context: SecretKeys | Public
             raise HEError(f"preset {p.name!r}: |weight x value| reaches {peak:.4g}, above {p.ckks_value_bound:.4g} "
                           f"(the modulus headroom shared by max_clients = {p.max_clients} updates); use "
                           f"fractional weights n_k / n_total")
-        values = flat * weight
+        values = np.multiply(flat, weight, dtype=np.float64)
     else:
         if weight > 1.0:
             raise HEError(f"preset {p.name!r} needs a fractional weight 0 < w <= 1 (n_k / n_total), got {weight}")
         R = p.clip_range
+        flat = flat.astype(np.float64, copy=False)  # quantize in float64, whatever the arrays were
         num_clipped = int(np.count_nonzero(np.abs(flat) > R))
         q = np.rint(np.clip(flat, -R, R) * (weight / p.quant_step)).astype(np.int64)
         values = q

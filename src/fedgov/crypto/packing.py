@@ -19,6 +19,7 @@ homomorphically and the digits are recovered by balanced division.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -53,8 +54,11 @@ def _size(shape: Sequence[int]) -> int:
     return n
 
 
-def flatten(arrays: Sequence[np.ndarray]) -> tuple[np.ndarray, list[LayerSpec]]:
-    """All arrays as one float64 vector (C order, layer after layer) and their specs."""
+def flatten(arrays: Sequence[np.ndarray], dtype: Any = np.float64) -> tuple[np.ndarray, list[LayerSpec]]:
+    """All arrays as one vector (C order, layer after layer) and their specs.
+
+    ``dtype``: of the vector (default float64); None keeps the arrays' common dtype.
+    """
     if isinstance(arrays, np.ndarray):
         raise TypeError("expected a list of arrays (one per layer), got a single ndarray")
     specs: list[LayerSpec] = []
@@ -67,8 +71,10 @@ def flatten(arrays: Sequence[np.ndarray]) -> tuple[np.ndarray, list[LayerSpec]]:
                             f"(use one of {', '.join(str(d) for d in DTYPES.values())})")
         specs.append((code, tuple(int(d) for d in a.shape)))
         parts.append(a.reshape(-1))
-    flat = np.concatenate(parts).astype(np.float64, copy=False) if parts else np.zeros(0)
-    return flat, specs
+    if not parts:
+        return np.zeros(0), specs
+    flat = np.concatenate(parts)
+    return (flat if dtype is None else flat.astype(dtype, copy=False)), specs
 
 
 def unflatten(flat: np.ndarray, specs: Sequence[LayerSpec]) -> list[np.ndarray]:
