@@ -1,6 +1,6 @@
 """The measured numbers in docs/he_presets.md: bytes per parameter, error and encryption cost of each preset.
 
-    python benchmarks/he_presets.py > benchmarks/results/<machine>-<date>/he_presets.md   # ~3 minutes on 2 cores
+    python benchmarks/he_presets.py > benchmarks/results/<machine>-<date>/he_presets.md   # ~1 minute on 2 cores
 
 Bytes per parameter for fedgov's default model (8,970 parameters) and a
 99,450-parameter MLP (784-120-40-10); max abs error against plaintext FedAvg for
@@ -61,6 +61,12 @@ ROWS = (("standard", "clients"), ("standard", "custodian"), ("compact", "clients
 
 
 def main() -> None:
+    from fedgov.bench.machine import describe_machine
+
+    m = describe_machine()
+    print(f"Measured by `python benchmarks/he_presets.py` on {time.strftime('%Y-%m-%d', time.gmtime())}: "
+          f"{m.get('cpu_model')}, {m.get('cpu_cores_usable')} usable cores, TenSEAL "
+          f"{m.get('libraries', {}).get('tenseal')}, fedgov {str(m.get('fedgov_commit'))[:10]}.\n")
     default = default_model_arrays()
     rng = np.random.default_rng(0)
     mlp = [rng.normal(0, 0.1, s) for s in MLP_SHAPES]
