@@ -156,6 +156,11 @@ class HEPreset:
         return self.poly_modulus_degree // 2 if self.scheme == "ckks" else self.poly_modulus_degree
 
     @property
+    def complex_packed(self) -> bool:
+        """CKKS with two values per complex slot, encoded through ``tenseal.sealapi``."""
+        return self.scheme == "ckks" and self.values_per_slot == 2
+
+    @property
     def values_per_ciphertext(self) -> int:
         return self.slots * self.values_per_slot
 
@@ -202,7 +207,7 @@ class HEPreset:
         if self.scheme != "ckks" or self.scale_bits is None:
             return math.inf
         bound = 2.0 ** (self.data_coeff_bits - self.scale_bits - 1) / self.max_clients
-        return bound / math.sqrt(2.0) if self.values_per_slot == 2 else bound
+        return bound / math.sqrt(2.0) if self.complex_packed else bound
 
     def fingerprint(self) -> bytes:
         """8 bytes identifying every parameter that changes the ciphertexts or their decoding."""
@@ -997,7 +1002,7 @@ def _complex_codec(ctx: ts.Context) -> _ComplexCodec:
 
 
 def _encrypt_one(ctx: ts.Context, preset: HEPreset, values: np.ndarray) -> bytes:
-    if preset.scheme == "ckks" and preset.values_per_slot == 2:
+    if preset.complex_packed:
         return _complex_codec(ctx).encrypt(preset, values)
     cls = _vector_class(preset)
     if cls is not None:
@@ -1222,8 +1227,7 @@ def _encrypt_blocks(context: _Context, blocks: list[np.ndarray], workers: int) -
     pj = context.preset.to_json()
     per = -(-len(blocks) // workers)
     groups = [blocks[i:i + per] for i in range(0, len(blocks), per)]
-    _SCRATCH_LOCK.acquire()  # one update at a time uses the scratch files
-    try:
+    with _SCRATCH_LOCK:  # one update at a time uses the scratch files
         jobs = []
         try:  # workers - 1 processes take all groups but the first ...
             pool = _get_pool(workers - 1)
@@ -1245,8 +1249,6 @@ def _encrypt_blocks(context: _Context, blocks: list[np.ndarray], workers: int) -
             return out
         except Exception as e:  # a worker died, or could not start (e.g. a __main__ read from stdin)
             return _pool_failed(e, local, blocks)
-    finally:
-        _SCRATCH_LOCK.release()
 
 
 def _pool_failed(e: Exception, local: tuple[ts.Context, HEPreset], blocks: list[np.ndarray]) -> list[bytes]:
@@ -1413,12 +1415,11 @@ def decrypt_aggregate(aggregate: UpdateLike, *, keys: SecretKeys, total_weight: 
     cls = _vector_class(p)
     ctx = keys.tenseal_context
     ranges, _ = _layout(p, upd.specs)
-    complex_slots = p.scheme == "ckks" and p.values_per_slot == 2
     pieces: list[np.ndarray] = []  # grown chunk by chunk: memory follows the real ciphertexts, not the header
     for j, ((a, b), s, chunk) in enumerate(zip(ranges, sizes, upd.iter_chunk_bytes())):
         vec = _load_vector(cls, ctx, chunk, s, p, "aggregate")
         try:
-            if complex_slots:
+            if p.complex_packed:
                 pieces.append(_complex_codec(ctx).decrypt(vec, b - a))
                 continue
             plain = vec.decrypt()
