@@ -1,6 +1,6 @@
 """Start Flower's Deployment Engine processes for a test, and stop every one of them.
 
-Used by ``tests/test_deployment.py``. Each process is started in its own session
+Used by ``tests/test_deployment.py`` and ``tests/test_flower_simulation.py``. Each process is started in its own session
 (``start_new_session=True``) with its output in a log file, and carries a unique
 marker in its environment. Flower spawns helpers the test never sees directly:
 ``flower-superexec`` (the SuperLink starts it in a session of its own),
@@ -11,7 +11,9 @@ every process that still carries the marker, by PID: nothing is matched by name.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -24,7 +26,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["FlowerProcesses", "Started", "free_ports", "flower_bin", "tail"]
+__all__ = ["FlowerProcesses", "Started", "free_ports", "flower_bin", "tail", "flower_environment",
+           "write_connection", "flwr_run", "wait_for_summary", "serverapp_log"]
 
 MARKER_VARIABLE = "FEDGOV_TEST_PROCESS_TAG"
 
@@ -262,3 +265,98 @@ class FlowerProcesses:
     def log_tails(self, lines: int = 60) -> str:
         return "\n".join(f"----- {s.name} (pid {s.pid}, exit {s.process.poll()}) {s.log} -----\n"
                          f"{tail(s.log, lines)}" for s in self.retired + self.started)
+
+
+# ---- `flwr run` against a SuperLink of the test's own -------------------------------------
+
+def flower_environment(tmp_path: Path) -> dict[str, str]:
+    """The environment of every Flower process of a test: an isolated Flower home, offline."""
+    env = dict(os.environ)
+    env.update({
+        # An isolated Flower home: the connection config, installed FABs and the
+        # SuperLink's files stay under tmp_path, never in the user's ~/.flwr.
+        "HOME": str(tmp_path / "home"),
+        "FLWR_HOME": str(tmp_path / "flwr-home"),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        # The SuperLink would otherwise `uv sync` the app's dependencies (needs the network).
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        # Flower launches flower-superexec, flwr-serverapp and flwr-clientapp by name.
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
+    })
+    # Flower's HTTP clients honour HTTP(S)_PROXY; local traffic must not go through a proxy.
+    for name in ("NO_PROXY", "no_proxy"):
+        env[name] = ",".join(filter(None, [env.get(name, ""), "127.0.0.1,localhost"]))
+    for folder in ("HOME", "FLWR_HOME"):
+        Path(env[folder]).mkdir(parents=True, exist_ok=True)
+    return env
+
+
+def write_connection(flwr_home: Path, name: str, superlink_port: int) -> None:
+    """The `flwr` CLI finds SuperLinks by name in $FLWR_HOME/config.toml (Flower >= 1.42)."""
+    (flwr_home / "config.toml").write_text(
+        "[superlink]\n"
+        f'default = "{name}"\n\n'
+        f"[superlink.{name}]\n"
+        f'address = "127.0.0.1:{superlink_port}"\n'
+        "insecure = true\n"
+    )
+
+
+def flwr_run(procs: FlowerProcesses, app_dir: Path, connection: str, *, run_config: Sequence[str],
+             federation_config: Sequence[str] = ()) -> str:
+    """Submit the app with `flwr run`; returns the run id (fails the test if it was not submitted)."""
+    import pytest
+
+    # ONE --run-config string: Flower 1.42 merges repeated --run-config flags table by table,
+    # so `-c data.num_cooperatives=2 -c data.partition="iid"` silently drops num_cooperatives.
+    argv = [flower_bin("flwr"), "run", ".", connection, "--format", "json", "--run-config", " ".join(run_config)]
+    if federation_config:
+        argv += ["--federation-config", " ".join(federation_config)]
+    result = subprocess.run(argv, cwd=app_dir, env=procs.env, capture_output=True, text=True, timeout=120)
+    (procs.log_dir / "flwr-run.log").write_text(
+        f"$ {' '.join(argv)}\nexit {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}")
+    start, end = result.stdout.find("{"), result.stdout.rfind("}")
+    try:
+        reply = json.loads(result.stdout[start:end + 1])
+    except ValueError:
+        reply = {}
+    if not reply.get("success") or not reply.get("run-id"):
+        pytest.fail(f"flwr run did not submit the run (exit {result.returncode}):\n"
+                    f"{result.stdout}\n{result.stderr}")
+    return str(reply["run-id"])
+
+
+def wait_for_summary(procs: FlowerProcesses, out: Path, run_id: str, superlink_log: Path, *,
+                     deadline_s: float) -> Path:
+    """The run directory once its summary.json exists; fails early if the federation broke."""
+    import pytest
+
+    finished = re.compile(rf"Finished task \d+ of run {run_id}\b")
+    deadline = time.monotonic() + deadline_s
+    finished_at: float | None = None
+    while time.monotonic() < deadline:
+        summaries = sorted(out.glob("*/summary.json"))
+        if summaries:
+            return summaries[-1].parent
+        if dead := procs.exited():
+            pytest.fail("Flower process(es) exited during the run: "
+                        + ", ".join(f"{s.name} (exit {s.process.returncode})" for s in dead))
+        if finished_at is None and finished.search(tail(superlink_log, 400)):
+            finished_at = time.monotonic()  # the ServerApp ended; give the last write a moment
+        if finished_at is not None and time.monotonic() - finished_at > 10:
+            pytest.fail(f"run {run_id} finished on the SuperLink without writing summary.json under {out}")
+        time.sleep(1.0)
+    pytest.fail(f"no summary.json under {out} within {deadline_s:.0f} s of submitting run {run_id}")
+
+
+def serverapp_log(procs: FlowerProcesses, app_dir: Path, connection: str, run_id: str | None) -> str:
+    """The ServerApp's own output, which the SuperLink keeps (it is not in superlink.log)."""
+    if run_id is None or not procs.started or procs.started[0].process.poll() is not None:
+        return "<not available>"
+    try:
+        result = subprocess.run([flower_bin("flwr"), "log", run_id, connection, "--show"], cwd=app_dir,
+                                env=procs.env, capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired as exc:
+        return f"<flwr log timed out>\n{exc.stdout or ''}"
+    return "\n".join((result.stdout + result.stderr).splitlines()[-80:])

@@ -96,5 +96,7 @@ def test_cli(tmp_path, capsys):
     assert plots.main(["experiment", str(results), "-o", str(tmp_path / "redrawn.png")]) == 0
     assert_png(tmp_path / "redrawn.png")
 
-    assert plots.main(["experiment", str(tmp_path / "nowhere")]) == 2
+    with pytest.raises(SystemExit) as exited:
+        plots.main(["experiment", str(tmp_path / "nowhere")])
+    assert exited.value.code == 2
     assert "not an experiment folder" in capsys.readouterr().err

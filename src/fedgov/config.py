@@ -18,10 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+import tomllib
 
 __all__ = [
     "Config",
@@ -38,6 +35,7 @@ __all__ = [
     "HeterogeneityConfig",
     "load_config",
     "parse_override",
+    "read_config",
 ]
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parents[2] / "configs" / "default.toml"
@@ -60,7 +58,8 @@ class DataConfig:
                          doc="which data the cooperatives hold")
     partition: str = _spec("dirichlet", choices=("iid", "dirichlet", "powerlaw", "natural"),
                            doc="how the data is split into cooperatives")
-    num_cooperatives: int = _spec(10, low=1, high=10_000, doc="number of cooperatives (clients)")
+    num_cooperatives: int = _spec(10, low=1, high=10_000,
+                                  doc="number of cooperatives (clients); a CSV's natural partition sets it from the data")
     alpha: float = _spec(0.5, low=0.0, low_open=True, doc="Dirichlet concentration (label skew)")
     powerlaw_exponent: float = _spec(1.5, low=0.0, low_open=True,
                                      doc="size skew of the powerlaw partition: larger = whalier")
@@ -71,7 +70,8 @@ class DataConfig:
                                        doc="share of each cooperative's data kept as its local test split")
     path: str = _spec("", doc="CSV file (dataset = 'csv')")
     label_column: str = _spec("label", doc="CSV column holding the class label")
-    cooperative_column: str = _spec("", doc="CSV column naming each row's cooperative (natural partition)")
+    cooperative_column: str = _spec("", doc="CSV column naming each row's cooperative (natural partition): one "
+                                            "cooperative per distinct value, in sorted order, named after it")
     synthetic_alpha: float = _spec(1.0, low=0.0, doc="Synthetic(alpha, beta): model heterogeneity")
     synthetic_beta: float = _spec(1.0, low=0.0, doc="Synthetic(alpha, beta): feature heterogeneity")
     synthetic_features: int = _spec(60, low=1, doc="Synthetic: input dimension")
@@ -120,6 +120,9 @@ class PrivacyConfig:
     max_grad_norm: float = _spec(1.0, low=0.0, low_open=True, doc="per-example gradient clipping bound (dp = 'sample')")
     grad_sample_mode: str = _spec("hooks", choices=("hooks", "functorch", "ghost"),
                                   doc="how Opacus computes per-example gradients ('ghost' = ghost clipping)")
+    seeded_noise: bool = _spec(False, doc="DP-SGD noise and sampling from the seed (reproducible research runs) "
+                                          "instead of the OS's randomness; the guarantee then holds only against "
+                                          "parties without the config")
     update_clip_norm: float = _spec(1.0, low=0.0, low_open=True,
                                     doc="clipping bound of each cooperative's update (dp = 'user')")
     clipping_side: str = _spec("server", choices=("server", "client"),
@@ -135,7 +138,9 @@ class SecureConfig:
                             doc="who can decrypt aggregates: the cooperatives, or a separate oversight custodian")
     key_dir: str = _spec("", doc="folder of provisioned HE keys (python -m fedgov.crypto.keys); "
                               "simulate makes one in the run directory")
-    verify: bool = _spec(False, doc="also aggregate in plaintext and record the max abs error of secure aggregation")
+    verify: bool = _spec(False, doc="measurement only: every cooperative also sends its plaintext update, so the "
+                                    "aggregator sees each one (marked reveals_updates), to record the max abs "
+                                    "error of secure aggregation")
     secagg_num_shares: int = _spec(3, low=2, doc="SecAgg+: shares of each secret (neighbours per client)")
     secagg_threshold: int = _spec(2, low=1, doc="SecAgg+: shares needed to reconstruct a secret")
     secagg_clip_range: float = _spec(8.0, low=0.0, low_open=True, doc="SecAgg+: updates are clipped to +-this before quantization")
@@ -470,6 +475,16 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     """Read a TOML file (default ``configs/default.toml``) and apply ``KEY=VALUE`` overrides."""
+    return read_config(path, overrides)[0]
+
+
+def read_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()
+                ) -> tuple[Config, frozenset[str]]:
+    """:func:`load_config`, and the dotted keys the file or the overrides set explicitly.
+
+    Some values follow from the data unless the user fixed them (``data.num_cooperatives``
+    of a natural partition); the caller needs to know which ones the user fixed.
+    """
     path = Path(path) if path is not None else DEFAULT_CONFIG_PATH
     if not path.is_file():
         if path == DEFAULT_CONFIG_PATH:
@@ -484,11 +499,14 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     flat = _flatten(raw)
     for key in flat:
         _check_known(key, str(path))
+    # configs/default.toml only spells out the defaults; the user fixes what their own file or --set says.
+    given = set() if path.resolve() == DEFAULT_CONFIG_PATH else set(flat)
     for text in overrides:
         key, value = parse_override(text)
         flat[key] = value
+        given.add(key)
     source = str(path) if not overrides else f"{path} with --set"
-    return Config.from_flat(flat, source=source)
+    return Config.from_flat(flat, source=source), frozenset(given)
 
 
 def reference_rows() -> list[tuple[str, Any, str]]:
@@ -528,10 +546,32 @@ def sync_pyproject(path: Path) -> None:
     path.write_text(head + pyproject_app_config())
 
 
-if __name__ == "__main__":  # python -m fedgov.config [--sync-pyproject]: print the reference table
-    if sys.argv[1:] == ["--sync-pyproject"]:
-        sync_pyproject(DEFAULT_CONFIG_PATH.parents[1] / "pyproject.toml")
-    else:
-        print("| key | default | meaning |\n|---|---|---|")
-        for key, default, doc in reference_rows():
-            print(f"| `{key}` | `{default!r}` | {doc} |")
+def main(argv: typing.Sequence[str] | None = None) -> int:
+    """``python -m fedgov.config``: print the key table, or rewrite pyproject.toml's app config."""
+    from .cli import ArgumentParser
+
+    p = ArgumentParser(prog="python -m fedgov.config",
+                       description="Print every config key with its default and meaning (a Markdown table), "
+                                   "as the README shows it.")
+    p.add_argument("--sync-pyproject", nargs="?", type=Path, const=DEFAULT_CONFIG_PATH.parents[1] / "pyproject.toml",
+                   default=None, metavar="PYPROJECT",
+                   help="instead, rewrite the [tool.flwr.app.config] tables of PYPROJECT (default: the "
+                        "checkout's pyproject.toml) from the defaults, after adding a key")
+    args = p.parse_args(argv)
+    if args.sync_pyproject is not None:
+        try:
+            sync_pyproject(args.sync_pyproject)
+        except (ConfigError, OSError) as exc:
+            from .cli import fail
+
+            fail("python -m fedgov.config", str(exc))
+        print(args.sync_pyproject)
+        return 0
+    print("| key | default | meaning |\n|---|---|---|")
+    for key, default, doc in reference_rows():
+        print(f"| `{key}` | `{default!r}` | {doc} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -67,10 +67,7 @@ from typing import Any
 from .config import Config, ConfigError, load_config
 from .results import atomic_write_text, read_json, write_json
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+import tomllib
 
 __all__ = [
     "Experiment",
@@ -938,11 +935,13 @@ def print_results(exp: Experiment, out: Path) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fedgov.experiment", description=__doc__.split("\n\n")[0])
+    from .cli import ArgumentParser
+
+    p = ArgumentParser(prog="python -m fedgov.experiment", description=__doc__.split("\n\n")[0])
     p.add_argument("experiment", type=Path, help="experiment TOML file (see experiments/)")
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default: results/<name>/ beside the experiment file)")
-    p.add_argument("--seeds", type=int, default=None, metavar="N", help="use seeds 0..N-1 instead of the file's")
+    p.add_argument("--seeds", type=int, default=None, metavar="N", help="run every point with seeds 0, 1, ..., N-1 (N seeds) instead of the file's seeds")
     p.add_argument("--quick", action="store_true",
                    help=f"smoke test: {QUICK_ROUNDS} rounds, at most {QUICK_COOPERATIVES} cooperatives, "
                         f"one seed; writes to results/<name>-quick/")

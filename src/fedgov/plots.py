@@ -28,10 +28,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormat
 
 from .results import read_json, read_jsonl  # noqa: E402
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+import tomllib
 
 __all__ = ["plot_experiment", "plot_run", "main"]
 
@@ -279,13 +276,16 @@ def plot_run(run_dir: str | Path, out_png: str | Path, *, dpi: int = DPI) -> Pat
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fedgov.plots", description=__doc__.split("\n\n")[0])
+    from .cli import ArgumentParser
+
+    p = ArgumentParser(prog="python -m fedgov.plots", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="what", required=True)
     run = sub.add_parser("run", help="accuracy per round of one run directory")
-    run.add_argument("run_dir", type=Path)
+    run.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory (holds metrics.jsonl)")
     run.add_argument("-o", "--out", type=Path, default=None, help="PNG file (default: RUN_DIR/accuracy.png)")
     exp = sub.add_parser("experiment", help="an experiment's figure from its results folder")
-    exp.add_argument("results_dir", type=Path)
+    exp.add_argument("results_dir", type=Path, metavar="RESULTS_DIR",
+                     help="an experiment's results folder (holds results.csv and experiment.json)")
     exp.add_argument("-o", "--out", type=Path, default=None, help="PNG file (default: RESULTS_DIR/figure.png)")
     return p
 
@@ -307,8 +307,9 @@ def main(argv: list[str] | None = None) -> int:
                                    args.out or args.results_dir / "figure.png",
                                    runs_csv=runs if runs.is_file() else None)
     except (OSError, ValueError, KeyError) as exc:
-        print(f"fedgov.plots: error: {exc}", file=sys.stderr)
-        return 2
+        from .cli import fail
+
+        fail("fedgov.plots", str(exc))
     print(path)
     return 0
 

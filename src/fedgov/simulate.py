@@ -10,14 +10,20 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError, load_config
-from .data import DataError, build_federation
-from .results import new_run_dir, read_json
+from .cli import ArgumentParser, fail
+from .client_errors import clean_reason
+from .config import Config, ConfigError, load_config, read_config
+from .decryption import extra_nodes
+from .preflight import PreflightError, preflight
+from .results import new_run_dir, read_json, read_jsonl
 
-__all__ = ["main", "simulate"]
+__all__ = ["main", "simulate", "crash_reports"]
+
+PROG = "fedgov.simulate"
 
 
 def _quiet_environment() -> None:
@@ -26,9 +32,22 @@ def _quiet_environment() -> None:
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    # Ray's FutureWarning about CUDA_VISIBLE_DEVICES on zero-GPU actors: keep today's behaviour, quietly.
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 
-def backend_config(cfg: Config) -> dict[str, Any]:
+class _HideRunSimulationDeprecation(logging.Filter):
+    """Flower 1.42 marks ``run_simulation`` deprecated in favour of ``flwr run``. fedgov still
+    calls it: only the in-process engine lets the ServerApp and ClientApp share fedgov's typed
+    Config and progress callback (``flwr run`` serialises apps and config through a SuperLink,
+    which fedgov also supports, see the README). The banner says nothing a fedgov user can act
+    on, so this filter drops that one record and nothing else."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`run_simulation` function is deprecated" not in record.getMessage()
+
+
+def backend_config(cfg: Config, *, verbose: bool = False) -> dict[str, Any]:
     """Ray resources: each simulated cooperative gets CPUs and, on CUDA, a GPU fraction."""
     import torch
 
@@ -38,7 +57,7 @@ def backend_config(cfg: Config) -> dict[str, Any]:
             "num_cpus": cfg.runtime.client_cpus,
             "num_gpus": cfg.runtime.client_gpu_fraction if use_cuda else 0.0,
         },
-        "init_args": {"logging_level": "ERROR", "log_to_driver": False, "include_dashboard": False},
+        "init_args": {"logging_level": "ERROR", "log_to_driver": verbose, "include_dashboard": False},
     }
 
 
@@ -51,8 +70,11 @@ def simulate(cfg: Config, run_dir: Path, *, show_progress: bool = True, verbose:
     from .progress import RoundProgress
     from .server_app import build_server_app
 
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.addFilter(_HideRunSimulationDeprecation())
     if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+        # Failures reach the user as fedgov's one-line errors; Flower's tracebacks only with --verbose.
+        flwr_logger.setLevel(logging.CRITICAL)
     if cfg.secure.aggregation == "he":  # out-of-band key distribution, before anyone starts
         from .crypto.keys import provision
 
@@ -62,8 +84,8 @@ def simulate(cfg: Config, run_dir: Path, *, show_progress: bool = True, verbose:
         run_simulation(
             server_app=build_server_app(cfg, run_dir, on_round=progress.update),
             client_app=build_client_app(cfg),
-            num_supernodes=cfg.data.num_cooperatives,
-            backend_config=backend_config(cfg),
+            num_supernodes=cfg.data.num_cooperatives + extra_nodes(cfg),  # + the custodian, a node of its own
+            backend_config=backend_config(cfg, verbose=verbose),
             verbose_logging=verbose,
         )
     summary_path = run_dir / "summary.json"
@@ -72,60 +94,88 @@ def simulate(cfg: Config, run_dir: Path, *, show_progress: bool = True, verbose:
     return read_json(summary_path)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fedgov.simulate", description=__doc__.split("\n\n")[0])
+def _parser() -> ArgumentParser:
+    p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--config", type=Path, default=None, help="TOML config (default: configs/default.toml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a dotted config key, e.g. --set data.alpha=0.1 (repeatable)")
+                   help="override a dotted config key, e.g. --set data.alpha=0.1 (repeatable; "
+                        "python -m fedgov.config lists every key)")
     p.add_argument("--out", type=Path, default=None, help="folder under which run directories are made (default: runs/)")
     p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
                    help="continue an interrupted run from its checkpoint, with its own config.toml")
     p.add_argument("--no-progress", action="store_true", help="do not draw the progress bar")
-    p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Flower's and Ray's logs, and full tracebacks of failing cooperatives")
     return p
 
 
-def _fail(message: str, code: int) -> None:
-    print(f"fedgov.simulate: error: {message}", file=sys.stderr)
-    raise SystemExit(code)
+def crash_reports(run_dir: Path, summary: dict[str, Any]) -> list[str]:
+    """One line per cooperative that crashed (not declined): its id, name, rounds and first cause."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    names = {c["id"]: c.get("name", "") for c in summary.get("cooperatives", [])}
+    crashes: dict[int, tuple[list[int], str]] = {}
+    for row in read_jsonl(path):
+        for failure in row.get("failures", []):
+            if failure.get("crashed"):
+                rounds, _ = crashes.setdefault(int(failure["cooperative"]), ([], failure["reason"]))
+                rounds.append(int(row["round"]))
+    lines = []
+    for coop, (rounds, reason) in sorted(crashes.items()):
+        where = f"round {rounds[0]}" if len(rounds) == 1 else f"{len(rounds)} rounds from round {rounds[0]}"
+        label = f"cooperative {coop} ({names[coop]})" if names.get(coop) else f"cooperative {coop}"
+        lines.append(f"{label} failed in {where}: {reason}")
+    return lines
+
+
+def _prepare(args: argparse.Namespace) -> tuple[Config, Path]:
+    """The settled config and run directory; raises ConfigError or PreflightError (usage errors)."""
+    if args.resume is not None:
+        if args.config or args.overrides:
+            raise ConfigError("--resume uses the run's own config.toml; drop --config and --set")
+        config_path = args.resume / "config.toml"
+        if not config_path.is_file():
+            raise ConfigError(f"{config_path}: not a run directory (no config.toml)")
+        cfg, _ = preflight(load_config(config_path), given=None)  # every key of config.toml is fixed
+        return cfg, args.resume
+    cfg, given = read_config(args.config, args.overrides)
+    if args.out is not None:
+        cfg = cfg.replace(**{"runtime.out": str(args.out)})
+    if cfg.data.path:  # simulated clients may not share our working directory
+        cfg = cfg.replace(**{"data.path": str(Path(cfg.data.path).resolve())})
+    if cfg.secure.key_dir:
+        cfg = cfg.replace(**{"secure.key_dir": str(Path(cfg.secure.key_dir).resolve())})
+    # Data, device and key folder are checked here: a bad one is a usage error, found before Ray starts.
+    cfg, _ = preflight(cfg, given=given)
+    run_dir = new_run_dir(cfg.runtime.out, cfg.hash())
+    if cfg.secure.aggregation == "he" and not cfg.secure.key_dir:
+        cfg = cfg.replace(**{"secure.key_dir": str((run_dir / "keys").resolve())})
+    return cfg, run_dir
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.resume is not None:
-            if args.config or args.overrides:
-                raise ConfigError("--resume uses the run's own config.toml; drop --config and --set")
-            config_path = args.resume / "config.toml"
-            if not config_path.is_file():
-                raise ConfigError(f"{config_path}: not a run directory (no config.toml)")
-            cfg = load_config(config_path)
-            run_dir = args.resume
-        else:
-            cfg = load_config(args.config, args.overrides)
-            if args.out is not None:
-                cfg = cfg.replace(**{"runtime.out": str(args.out)})
-            if cfg.data.path:  # simulated clients may not share our working directory
-                cfg = cfg.replace(**{"data.path": str(Path(cfg.data.path).resolve())})
-        # Build the cooperatives once here: bad data is a usage error, found before Ray starts.
-        build_federation(cfg.data, seed=cfg.seed)
-        if args.resume is None:
-            run_dir = new_run_dir(cfg.runtime.out, cfg.hash())
-            if cfg.secure.aggregation == "he" and not cfg.secure.key_dir:
-                cfg = cfg.replace(**{"secure.key_dir": str((run_dir / "keys").resolve())})
-    except (ConfigError, DataError) as exc:
-        _fail(str(exc), 2)
+        cfg, run_dir = _prepare(args)
+    except (ConfigError, PreflightError) as exc:
+        fail(PROG, str(exc), 2)
     try:
         summary = simulate(cfg, run_dir, show_progress=not args.no_progress, verbose=args.verbose)
     except KeyboardInterrupt:
-        _fail(f"interrupted; resume with: python -m fedgov.simulate --resume {run_dir}", 130)
+        fail(PROG, f"interrupted; resume with: python -m fedgov.simulate --resume {run_dir}", 130)
     except Exception as exc:  # one line, no traceback: the run directory keeps what was done
-        _fail(f"{exc} (partial results in {run_dir})", 1)
+        if args.verbose:
+            traceback.print_exc()
+        fail(PROG, f"{clean_reason(str(exc)) or type(exc).__name__} (partial results in {run_dir})", 1)
     from .progress import print_summary
 
     print_summary(summary)
+    crashes = crash_reports(run_dir, summary)
+    for line in crashes:
+        print(f"{PROG}: error: {line}", file=sys.stderr)
     print(run_dir)
-    return 0
+    return 1 if crashes else 0
 
 
 if __name__ == "__main__":

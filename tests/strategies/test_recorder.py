@@ -110,8 +110,9 @@ def test_failed_replies_are_recorded_not_fatal():
     replies.append(Message(Error(code=0, reason="out of memory"), reply_to=messages[0]))
     arrays, _ = recorder.aggregate_train(1, replies)
     assert arrays is not None
+    # An engine error (code 0, not a fedgov decline) is a crash of that cooperative, recorded as one line.
     assert recorder.current.failures == [{"cooperative": NODES[messages[0].metadata.dst_node_id],
-                                          "reason": "out of memory"}]
+                                          "reason": "out of memory", "crashed": True, "phase": "train"}]
     assert len(recorder.current.participants) == 5
 
 

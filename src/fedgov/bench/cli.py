@@ -27,10 +27,7 @@ from ..results import atomic_write_text, read_json, write_json
 from .core import BenchContext
 from .machine import describe_machine, machine_slug
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+import tomllib
 
 __all__ = ["SUITES", "BenchError", "load_suite_spec", "main", "run_benchmarks"]
 
@@ -191,8 +188,10 @@ def run_benchmarks(*, suites: list[str], quick: bool, device: str, out: Path, su
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fedgov.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--suite", action="append", choices=SUITES, metavar="NAME",
+    from ..cli import ArgumentParser
+
+    p = ArgumentParser(prog="python -m fedgov.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--suite", action="append", choices=SUITES,
                    help=f"suite to run (repeatable; default all: {', '.join(SUITES)})")
     p.add_argument("--quick", action="store_true", help="every suite at small sizes (about two minutes on 2 cores)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",

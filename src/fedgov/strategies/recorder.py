@@ -19,7 +19,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from ..client_errors import failure_of
 from ..config import cohort_size
+from ..traffic import TrafficMeter
 
 __all__ = ["CohortSampler", "RoundRecorder", "RoundLog"]
 
@@ -68,6 +70,8 @@ class RoundLog:
     started: float
     bytes_down: int = 0
     bytes_up: int = 0
+    # Every message of the round by stage (fedgov.traffic), when the grid is a TrafficMeter.
+    bytes_by_stage: dict[str, dict[str, int]] = field(default_factory=dict)
     participants: list[int] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
     client_train: dict[int, dict[str, float]] = field(default_factory=dict)
@@ -88,8 +92,9 @@ class RoundRecorder(Strategy):
     """Wraps a Flower strategy; see the module docstring."""
 
     def __init__(self, inner: Strategy, *, node_to_cooperative: dict[int, int],
-                 sampler: CohortSampler, round_offset: int = 0) -> None:
+                 sampler: CohortSampler, round_offset: int = 0, meter: TrafficMeter | None = None) -> None:
         self.inner = inner
+        self.meter = meter
         self.node_to_cooperative = dict(node_to_cooperative)
         self.cooperative_to_node = {c: n for n, c in self.node_to_cooperative.items()}
         self.sampler = sampler
@@ -123,6 +128,8 @@ class RoundRecorder(Strategy):
         nodes = [self.cooperative_to_node[c] for c in sampled]
         messages = list(self.inner.configure_train(server_round, arrays, config,
                                                    _NodeSubsetGrid(grid, nodes)))
+        if self.meter is not None:
+            self.meter.take()  # the round starts here: count its messages from zero
         self.current = RoundLog(round=server_round, sampled=sampled, started=started,
                                 bytes_down=sum(_payload_bytes(m) for m in messages))
         self._phase_start = time.perf_counter()
@@ -138,7 +145,7 @@ class RoundRecorder(Strategy):
         for reply in replies:
             coop = self._cooperative_of(reply)
             if reply.has_error():
-                log.failures.append({"cooperative": coop, "reason": reply.error.reason})
+                log.failures.append(failure_of(reply, coop))
                 continue
             log.participants.append(coop)
             log.bytes_up += _payload_bytes(reply)
@@ -151,7 +158,9 @@ class RoundRecorder(Strategy):
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         self._phase_start = time.perf_counter()
-        return self.inner.configure_evaluate(server_round + self.round_offset, arrays, config, grid)
+        # Every cooperative evaluates; other nodes (the custodian) are not shown to the inner strategy.
+        cooperatives = _NodeSubsetGrid(grid, sorted(self.cooperative_to_node.values()))
+        return self.inner.configure_evaluate(server_round + self.round_offset, arrays, config, cooperatives)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         server_round += self.round_offset
@@ -159,7 +168,14 @@ class RoundRecorder(Strategy):
         assert log is not None and log.round == server_round
         replies = self._in_cooperative_order(replies)
         for reply in replies:
-            if not reply.has_error():
+            if reply.has_error():
+                log.failures.append(failure_of(reply, self._cooperative_of(reply), phase="evaluate"))
+            else:
                 log.client_eval[self._cooperative_of(reply)] = self._metrics_of(reply)
         log.seconds_evaluate = time.perf_counter() - self._phase_start
-        return self.inner.aggregate_evaluate(server_round, replies)
+        result = self.inner.aggregate_evaluate(server_round, replies)
+        if self.meter is not None:  # the round's last message: train, decryption and evaluation, counted alike
+            log.bytes_by_stage = self.meter.take()
+            log.bytes_up = sum(s["up"] for s in log.bytes_by_stage.values())
+            log.bytes_down = sum(s["down"] for s in log.bytes_by_stage.values())
+        return result
