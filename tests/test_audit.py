@@ -95,7 +95,9 @@ def test_intact_log_verifies(run_dir: Path) -> None:
 
     proc = run_cli("verify", run_dir)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == f"{LOG_NAME}: {N_RECORDS} records, chain and signatures intact"
+    summary, head = proc.stdout.strip().splitlines()
+    assert summary.startswith(f"{LOG_NAME}: {N_RECORDS} records, chain and signatures intact")
+    assert head == f"head {result.head}"  # last, for a witness to keep
     assert proc.stderr == ""
 
 
@@ -237,7 +239,7 @@ def test_reopening_continues_the_chain(tmp_path: Path) -> None:
     assert second.seq == 2 and second.head == head
     record = second.append("round", {"round": 2})
     assert record["seq"] == 2 and record["prev"] == head
-    second.append("run_end", {})
+    second.append("run_end", {"rounds": 2})
     result = verify(tmp_path)
     assert result.ok and result.records == 4
 

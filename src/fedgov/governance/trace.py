@@ -10,8 +10,11 @@ that update alone moves the model towards the misbehaviour:
 
 A cooperative's score is the mean of ``loss_before - loss_after`` (for ``damage``,
 ``after - before``) over the rounds it took part in; the ranking is by score. Every retained
-file is first checked against the digest the signed audit log holds for it, so evidence
-swapped after the fact is reported rather than trusted.
+file is first checked against the digest the signed audit log holds for it (a round's
+``global.npz`` against the previous round's ``global_model``; round 1's against its record's
+``initial_model``), so evidence swapped after the fact is reported rather than trusted; and
+every update the log names but ``updates/`` lacks is reported as missing. After a resume
+that redid a round, that round's later record is the one that counts, as in ``verify``.
 
 Under HE the retained updates are ciphertexts. Opening them needs the escrowed secret key,
 and that needs ``governance.board_threshold`` of the oversight board's shares: with fewer,
@@ -30,8 +33,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..audit import LOG_NAME, digest_arrays, digest_bytes, verify
-from .archive import UpdateArchive
+from ..audit.log import LOG_NAME, digest_arrays, digest_bytes
+from ..audit.verify import verify
+from .archive import ARCHIVE_DIR, UpdateArchive
 
 __all__ = ["TraceError", "TraceResult", "trace", "MISBEHAVIOURS"]
 
@@ -45,12 +49,19 @@ class TraceError(Exception):
 @dataclass
 class TraceResult:
     misbehaviour: str
-    ranking: list[dict[str, Any]]  # best-first: cooperative, score, rounds, digests_ok, digests_bad
+    ranking: list[dict[str, Any]]  # best-first: cooperative, score, rounds, digests_ok, digests_bad, missing
     mismatches: list[dict[str, Any]] = field(default_factory=list)  # retained files not matching the log
+    missing: list[dict[str, Any]] = field(default_factory=list)  # files the log names that are not retained
     escrow_opened: bool = False
+
+    @property
+    def evidence_complete(self) -> bool:
+        """Every file the log names is retained and matches it: the ranking rests on all the evidence."""
+        return not self.mismatches and not self.missing
 
     def to_json(self) -> dict[str, Any]:
         return {"misbehaviour": self.misbehaviour, "ranking": self.ranking, "mismatches": self.mismatches,
+                "missing": self.missing, "evidence_complete": self.evidence_complete,
                 "escrow_opened": self.escrow_opened}
 
 
@@ -62,6 +73,43 @@ def _round_records(run_dir: Path) -> dict[int, dict[str, Any]]:
         if record["kind"] == "round":
             records[int(record["body"]["round"])] = record["body"]
     return records
+
+
+def _missing(archive: UpdateArchive, records: dict[int, dict[str, Any]], *, he: bool) -> list[dict[str, Any]]:
+    """What the log's round records name (each update, and the global model it was trained from) but
+    ``updates/`` lacks: deleting evidence cannot fake it, but must not pass unnoticed either."""
+    suffix = ".he" if he else ".npz"
+    missing: list[dict[str, Any]] = []
+    for server_round, body in sorted(records.items()):
+        updates = body.get("updates") or {}
+        if not updates:
+            continue
+        where = f"{ARCHIVE_DIR}/{archive.round_dir(server_round).name}/"
+        if not archive.global_file(server_round).is_file():
+            missing.append({"round": server_round, "file": "global.npz",
+                            "problem": f"is missing from {where}: the round's updates cannot be replayed"})
+        retained = archive.cooperative_files(server_round)
+        for coop in sorted(int(c) for c in updates):
+            if coop not in retained:
+                missing.append({"round": server_round, "cooperative": coop, "file": f"coop_{coop:03d}{suffix}",
+                                "problem": f"is named in the audit log but missing from {where}"})
+    return missing
+
+
+def _checked(path: Path, expected: str | None, *, unlogged: str, differs: str) -> tuple[Any, str | None]:
+    """A retained file's contents (arrays, or a ciphertext's bytes) and what is wrong with it, if anything."""
+    try:
+        if path.suffix == ".he":
+            content: Any = path.read_bytes()
+            actual = digest_bytes(content)
+        else:
+            content = UpdateArchive.load_arrays(path)
+            actual = digest_arrays(content)
+    except Exception as exc:  # np.load raises many kinds (BadZipFile, ValueError, OSError, ...)
+        return None, f"cannot be read ({exc or type(exc).__name__})"
+    if expected is None:
+        return content, unlogged
+    return content, (differs if expected != actual else None)
 
 
 def _loss_fn(misbehaviour: str, x: np.ndarray, y: np.ndarray, *, trigger: Any, target_label: int,
@@ -133,7 +181,12 @@ def trace(run_dir: str | Path, *, shares: Sequence[Path] = (), misbehaviour: str
                         "label_flip": "label_flip"}.get(cfg.attack.kind, "damage")
     archive = UpdateArchive(run_dir)
     rounds = archive.rounds()
+    records = _round_records(run_dir)
     if not rounds:
+        named = sum(len(b.get("updates") or {}) for b in records.values())
+        if cfg.governance.retain_updates and named:
+            raise TraceError(f"{archive.root}: none of the {named} updates the audit log names is retained, "
+                             f"though the run retained them (governance.retain_updates = true): they were deleted")
         raise TraceError(f"{archive.root}: no retained updates (run with governance.retain_updates = true)")
     he = cfg.secure.aggregation == "he"
     if cfg.secure.aggregation == "secagg+":
@@ -149,50 +202,53 @@ def trace(run_dir: str | Path, *, shares: Sequence[Path] = (), misbehaviour: str
     test = federation.global_test
     loss = _loss_fn(misbehaviour, test.x, test.y, trigger=trigger_for(federation, size=cfg.attack.trigger_size),
                     target_label=cfg.attack.target_label, num_classes=federation.num_classes)
-    records = _round_records(run_dir)
+    missing = _missing(archive, records, he=he)
 
     scores: dict[int, list[float]] = {}
     digests_ok: dict[int, int] = {}
     mismatches: list[dict[str, Any]] = []
     for server_round in rounds:
         body = records.get(server_round)
-        if body is None or not body.get("updates"):
+        # No record: the round in flight when the run stopped. No global model: reported missing.
+        if body is None or not body.get("updates") or not archive.global_file(server_round).is_file():
             continue
-        global_arrays = UpdateArchive.load_arrays(archive.global_file(server_round))
-        previous = records.get(server_round - 1)
-        if previous is not None and previous.get("global_model") not in (None, digest_arrays(global_arrays)):
-            mismatches.append({"round": server_round, "file": "global.npz",
-                               "problem": "does not match the previous round's global model in the audit log"})
+        # The model a round started from: the previous round's result, or for round 1 the initial model.
+        if server_round == 1:
+            expected, whose = body.get("initial_model"), "round 1's initial_model"
+        else:
+            previous = records.get(server_round - 1) or {}
+            expected, whose = previous.get("global_model"), "the previous round's global_model"
+        global_arrays, problem = _checked(archive.global_file(server_round), expected,
+                                          unlogged=f"cannot be checked: the audit log holds no {whose}",
+                                          differs=f"does not match {whose} in the audit log")
+        if problem is not None:
+            mismatches.append({"round": server_round, "file": "global.npz", "problem": problem})
             continue
         _load_state(model, global_arrays)
         before = loss(model)
         for coop, path in archive.cooperative_files(server_round).items():
-            expected = body["updates"].get(str(coop))
-            if path.suffix == ".he":
-                data = path.read_bytes()
-                actual = digest_bytes(data)
-            else:
-                arrays = UpdateArchive.load_arrays(path)
-                actual = digest_arrays(arrays)
-            if expected != actual:
-                mismatches.append({"round": server_round, "cooperative": coop, "file": path.name,
-                                   "problem": "not in the audit log" if expected is None else
-                                   "does not match the digest in the audit log"})
+            content, problem = _checked(path, body["updates"].get(str(coop)), unlogged="not in the audit log",
+                                        differs="does not match the digest in the audit log")
+            if problem is not None:
+                mismatches.append({"round": server_round, "cooperative": coop, "file": path.name, "problem": problem})
                 continue
             digests_ok[coop] = digests_ok.get(coop, 0) + 1
+            arrays = content
             if path.suffix == ".he":
                 from ..crypto import decrypt_aggregate
 
                 # The ciphertext holds weight * delta and declares its weight: decryption divides it out.
-                delta = decrypt_aggregate(data, keys=keys)
+                delta = decrypt_aggregate(content, keys=keys)
                 arrays = [(g + d).astype(g.dtype) for g, d in zip(global_arrays, delta)]
             _load_state(model, arrays)
             scores.setdefault(coop, []).append(before - loss(model))
 
     ranking = [{"cooperative": c, "score": float(np.mean(s)), "rounds": len(s), "digests_ok": digests_ok.get(c, 0),
-                "digests_bad": sum(1 for m in mismatches if m.get("cooperative") == c)}
+                "digests_bad": sum(1 for m in mismatches if m.get("cooperative") == c),
+                "missing": sum(1 for m in missing if m.get("cooperative") == c)}
                for c, s in scores.items()]
     ranking.sort(key=lambda r: (-r["score"], r["cooperative"]))
     for rank, row in enumerate(ranking, 1):
         row["rank"] = rank
-    return TraceResult(misbehaviour=misbehaviour, ranking=ranking, mismatches=mismatches, escrow_opened=he)
+    return TraceResult(misbehaviour=misbehaviour, ranking=ranking, mismatches=mismatches, missing=missing,
+                       escrow_opened=he)

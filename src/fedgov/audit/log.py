@@ -1,4 +1,4 @@
-"""A tamper-evident, signed audit trail for a run: ``audit.jsonl`` in the run directory.
+"""The audit log's format: write signed, chained records to ``audit.jsonl`` and read the chain back.
 
 Each line is one record in canonical JSON (sorted keys, no spaces)::
 
@@ -9,28 +9,24 @@ record breaks the chain at that place; ``sig`` is the aggregator's Ed25519 signa
 the record without ``sig``, so editing a record (and re-chaining the lines after it)
 needs the private key. The anchor is the public key in ``audit_public_key.txt``: whoever
 can replace that file can re-sign everything, so a verifier that learnt the key some
-other way should pass it (``verify(run_dir, public_key_hex=...)``, ``--public-key``).
-A chain cannot tell "the last records were cut off" from "the run is still going", so
-``verify`` by default wants the log to end with a ``run_end`` record.
+other way should pass it.
+
+This module knows lines, hashes and signatures only; what the records must say about a
+run (rounds, run_end, the other files of the run directory) is ``fedgov.audit.verify``'s.
 
 The private key lives in memory only and is never written to the run directory. To
 resume a run, pass the same key back as ``private_key_bytes=``; where it is kept between
 processes is the deployment's business (``fedgov.simulate`` keeps it outside the run dir).
-
-    python -m fedgov.audit verify RUN_DIR    # exit 0 intact, 1 tampered, 2 nothing to verify
-    python -m fedgov.audit trace RUN_DIR [--share FILE ...]   # who pushed the model where (see governance.trace)
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
-import sys
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -44,15 +40,15 @@ from fedgov.results import atomic_write_text
 __all__ = [
     "AuditError",
     "AuditLog",
+    "Chain",
     "VerifyResult",
-    "verify",
+    "read_chain",
     "digest_bytes",
     "digest_arrays",
     "canonical_json",
     "LOG_NAME",
     "PUBLIC_KEY_NAME",
     "GENESIS",
-    "main",
 ]
 
 LOG_NAME = "audit.jsonl"
@@ -111,16 +107,18 @@ def _public_hex(key: Ed25519PrivateKey) -> str:
     return key.public_key().public_bytes_raw().hex()
 
 
-# --------------------------------------------------------------------------- verify
+# --------------------------------------------------------------------------- reading
 
 
 @dataclass(frozen=True)
 class VerifyResult:
-    """What ``verify`` found. ``line`` is 1-based; ``line``/``seq`` are None when not about a record.
+    """What a check found. ``line`` is 1-based; ``line``/``seq`` are None when not about a record.
 
     ``reason`` is one of: ``"edited"``, ``"deleted or inserted"``, ``"reordered"``,
     ``"malformed JSON"``, ``"malformed record"``, ``"truncated"``, ``"incomplete"``,
-    ``"public key"``, ``"no audit log"``; None when ``ok``.
+    ``"public key"``, ``"no audit log"`` (the chain), ``"rounds"`` (what the records say
+    about the run's rounds), ``"run directory"`` (another file of the run disagrees, named
+    in ``file``), ``"head"`` (the last record is not the witness); None when ``ok``.
     """
 
     ok: bool
@@ -129,16 +127,21 @@ class VerifyResult:
     seq: int | None = None
     reason: str | None = None
     detail: str = ""
-    head: str | None = None  # hash of the last good line: pin it elsewhere to anchor the end
+    head: str | None = None  # hash of the last good line: give it to a witness to anchor the end
+    file: str | None = None  # the file the problem is in, when it is not the log
+    covered: str = ""  # what a good log covers, e.g. "rounds 1..6 covered"
 
     def __bool__(self) -> bool:
         return self.ok
 
     @property
     def message(self) -> str:
-        """One line for a person: the success summary, or the first bad record and why."""
+        """One line for a person: the success summary, or the first problem and where."""
         if self.ok:
-            return f"{LOG_NAME}: {self.records} records, chain and signatures intact"
+            extra = f", {self.covered}" if self.covered else ""
+            return f"{LOG_NAME}: {self.records} records, chain and signatures intact{extra}"
+        if self.file is not None:
+            return f"{self.file}: {self.detail}"
         where = LOG_NAME
         if self.line is not None:
             where += f" line {self.line}"
@@ -147,25 +150,36 @@ class VerifyResult:
         return f"{where}: {self.detail}"
 
 
-def verify(run_dir: str | Path, public_key_hex: str | None = None, *, require_end: bool = True) -> VerifyResult:
-    """Check ``run_dir/audit.jsonl`` and report the first bad record.
+@dataclass
+class Chain:
+    """The records of ``audit.jsonl`` up to the first bad line, and that line's problem if any."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    hashes: list[str] = field(default_factory=list)  # hash of each good line, the next one's ``prev``
+    problem: VerifyResult | None = None
+
+    @property
+    def head(self) -> str:
+        return self.hashes[-1] if self.hashes else GENESIS
+
+
+def read_chain(run_dir: str | Path, public_key_hex: str | None = None) -> Chain:
+    """Read ``run_dir/audit.jsonl`` and check its chain and signatures; stop at the first bad line.
 
     Every line must be canonical JSON with the record fields; ``seq`` must run 0..n-1;
     each ``prev`` must be the hash of the line before; each ``sig`` must verify against
     ``audit_public_key.txt``, and that file must hold ``public_key_hex`` when it is given.
-    With ``require_end`` the last record must be ``run_end`` (else records may have been
-    cut off the end); pass False for a run that is still going.
     """
     run_dir = Path(run_dir)
     log = run_dir / LOG_NAME
+
+    def fail(reason: str, detail: str) -> Chain:
+        return Chain(problem=VerifyResult(False, 0, reason=reason, detail=detail))
+
     if not run_dir.is_dir():
-        return VerifyResult(False, 0, reason="no audit log", detail=f"no audit log: no run directory {run_dir}")
+        return fail("no audit log", f"no audit log: no run directory {run_dir}")
     if not log.is_file():
-        return VerifyResult(False, 0, reason="no audit log", detail=f"no audit log in {run_dir}")
-
-    def fail(reason: str, detail: str) -> VerifyResult:
-        return VerifyResult(False, 0, reason=reason, detail=detail)
-
+        return fail("no audit log", f"no audit log in {run_dir}")
     key_path = run_dir / PUBLIC_KEY_NAME
     try:
         file_key_hex = key_path.read_text().strip()
@@ -176,14 +190,13 @@ def verify(run_dir: str | Path, public_key_hex: str | None = None, *, require_en
         return fail("public key", f"{PUBLIC_KEY_NAME} does not hold an Ed25519 public key ({exc})")
     if public_key_hex is not None and file_key_hex.lower() != public_key_hex.strip().lower():
         return fail("public key", f"{PUBLIC_KEY_NAME} does not match the expected public key: the key file was replaced")
-
     data = log.read_bytes()
     if not data:
         return fail("no audit log", f"no audit log: {log} is empty")
-    return _check_lines(data, key, require_end)
+    return _check_lines(data, key)
 
 
-def _check_lines(data: bytes, key: Ed25519PublicKey, require_end: bool) -> VerifyResult:
+def _check_lines(data: bytes, key: Ed25519PublicKey) -> Chain:
     lines = data.split(b"\n")
     complete = lines[-1] == b""  # every record ends with a newline; anything after the last one is torn
     if complete:
@@ -198,13 +211,15 @@ def _check_lines(data: bytes, key: Ed25519PublicKey, require_end: bool) -> Verif
         if isinstance(s, int):
             seqs_seen.setdefault(s, number)
 
-    prev, last_kind = GENESIS, None
+    chain = Chain()
     first_line_of: dict[bytes, int] = {}
     for index, raw in enumerate(lines):
         number = index + 1
+        prev = chain.head
 
-        def bad(reason: str, detail: str, seq: int | None = None) -> VerifyResult:
-            return VerifyResult(False, index, number, seq, reason, detail, prev if index else None)
+        def bad(reason: str, detail: str, seq: int | None = None) -> Chain:
+            chain.problem = VerifyResult(False, index, number, seq, reason, detail, prev if index else None)
+            return chain
 
         if number == len(lines) and not complete:
             return bad("truncated", "the last line is incomplete (no newline): the log was cut off mid-record")
@@ -246,14 +261,9 @@ def _check_lines(data: bytes, key: Ed25519PublicKey, require_end: bool) -> Verif
             return bad("deleted or inserted", "prev does not match the hash of the line before: "
                                               "a record before it was deleted, inserted or replaced", seq)
         first_line_of.setdefault(raw, number)
-        prev, last_kind = digest_bytes(raw), record["kind"]
-
-    if require_end and last_kind != "run_end":
-        n = len(lines)
-        return VerifyResult(False, n, n + 1, n, "incomplete",
-                            "missing: the log ends without a run_end record "
-                            "(the run did not finish, or its last records were deleted)", prev)
-    return VerifyResult(True, len(lines), head=prev)
+        chain.records.append(record)
+        chain.hashes.append(digest_bytes(raw))
+    return chain
 
 
 # --------------------------------------------------------------------------- writing
@@ -263,7 +273,7 @@ class AuditLog:
     """Appends signed, chained records to ``run_dir/audit.jsonl``.
 
     A new log gets a fresh Ed25519 key pair; only the public key is written (to
-    ``audit_public_key.txt``). An existing log is verified and continued; that needs its
+    ``audit_public_key.txt``). An existing log is checked and continued; that needs its
     private key, passed as ``private_key_bytes`` (raw 32 bytes, see ``private_key_bytes``).
     One writer per log: records are appended under a lock, but not across processes.
     """
@@ -292,10 +302,11 @@ class AuditLog:
     def _continue(self, key_given: bool) -> None:
         if not key_given:
             raise AuditError(f"{self.path} already exists: pass private_key_bytes of its key to continue it")
-        result = verify(self.run_dir, public_key_hex=self.public_key_hex, require_end=False)
-        if not result.ok:
-            raise AuditError(f"cannot continue {self.path}: {result.message}")
-        self._seq, self._prev = result.records, result.head or GENESIS
+        # The chain only: whether the run's other files agree is for verify, not for the writer.
+        chain = read_chain(self.run_dir, public_key_hex=self.public_key_hex)
+        if chain.problem is not None:
+            raise AuditError(f"cannot continue {self.path}: {chain.problem.message}")
+        self._seq, self._prev = len(chain.records), chain.head
 
     @property
     def private_key_bytes(self) -> bytes:
@@ -353,69 +364,3 @@ class AuditLog:
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fedgov.audit", description="Check a run's signed audit trail, and trace who pushed the model where.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p_verify = sub.add_parser("verify", help="check the chain and signatures of RUN_DIR/audit.jsonl")
-    p_verify.add_argument("run_dir", metavar="RUN_DIR", type=Path)
-    p_verify.add_argument("--public-key", metavar="HEX", help="the aggregator's public key, learnt out of band")
-    p_verify.add_argument("--allow-incomplete", action="store_true",
-                          help="accept a log without run_end (a run still in progress)")
-    p_trace = sub.add_parser("trace", help="rank cooperatives by how much their retained updates pushed the "
-                                           "model towards the misbehaviour")
-    p_trace.add_argument("run_dir", metavar="RUN_DIR", type=Path)
-    p_trace.add_argument("--share", dest="shares", action="append", default=[], type=Path, metavar="FILE",
-                         help="an oversight board member's escrow share (HE runs; repeat, one per member)")
-    p_trace.add_argument("--misbehaviour", default="auto",
-                         help="backdoor, label_flip or damage (default: from the run's attack.kind)")
-    p_trace.add_argument("--top", type=int, default=0, help="show only the first N cooperatives")
-    args = parser.parse_args(argv)
-
-    if args.command == "trace":
-        return _trace_command(args)
-    if args.command == "verify":
-        try:
-            result = verify(args.run_dir, args.public_key, require_end=not args.allow_incomplete)
-        except OSError as exc:
-            print(f"{LOG_NAME}: cannot read: {exc}", file=sys.stderr)
-            return 2
-        if result.ok:
-            print(result.message)
-            return 0
-        print(result.message, file=sys.stderr)
-        return 2 if result.reason == "no audit log" else 1
-    parser.error(f"unknown command {args.command}")
-    return 2
-
-
-def _trace_command(args: argparse.Namespace) -> int:
-    """Exit 0 ranked, 1 ranked but some retained file does not match the log, 2 cannot trace."""
-    from fedgov.config import ConfigError
-    from fedgov.governance.trace import TraceError, trace
-    from fedgov.results import write_json
-
-    try:
-        result = trace(args.run_dir, shares=args.shares, misbehaviour=args.misbehaviour)
-    except (TraceError, ConfigError, OSError) as exc:
-        print(f"fedgov.audit trace: {exc}", file=sys.stderr)
-        return 2
-    write_json(args.run_dir / "trace.json", result.to_json())
-    rows = result.ranking[: args.top] if args.top > 0 else result.ranking
-    how = "escrow opened by the board's shares; " if result.escrow_opened else ""
-    print(f"trace of {args.run_dir} ({how}misbehaviour: {result.misbehaviour}); higher score = pushed more")
-    print(f"{'rank':>4}  {'cooperative':>11}  {'score':>10}  {'rounds':>6}  digests")
-    for row in rows:
-        digests = f"{row['digests_ok']} match" + (f", {row['digests_bad']} DO NOT" if row["digests_bad"] else "")
-        print(f"{row['rank']:>4}  {row['cooperative']:>11}  {row['score']:>10.4f}  {row['rounds']:>6}  {digests}")
-    for m in result.mismatches:
-        print(f"round {m['round']}: {m['file']} {m['problem']}", file=sys.stderr)
-    return 1 if result.mismatches else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
