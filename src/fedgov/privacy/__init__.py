@@ -9,9 +9,11 @@ from typing import Any
 
 __all__ = [
     "BudgetExhausted",
+    "OS_NOISE",
     "PrivacyLedger",
     "PrivateTrainResult",
     "RoundSpend",
+    "SEEDED_NOISE",
     "UNIT_WEIGHT_KEY",
     "default_delta",
     "epsilon_of",
@@ -22,6 +24,12 @@ __all__ = [
 
 # Metric every cooperative reports as 1, so that a strategy weighting by it takes the plain mean.
 UNIT_WEIGHT_KEY = "unit-weight"
+
+# Where DP-SGD's noise and Poisson sampling come from, as summary.json, the audit log and the
+# summary table state it: the operating system's randomness (the default), or the run's seed.
+OS_NOISE = "os-random"
+SEEDED_NOISE = ("seeded from the config (privacy.seeded_noise): the DP guarantee holds only against "
+                "parties that do not hold the config")
 
 _LAZY = {
     "BudgetExhausted": "dp_sgd", "PrivateTrainResult": "dp_sgd", "train_private": "dp_sgd",

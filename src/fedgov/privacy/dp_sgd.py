@@ -3,11 +3,23 @@
 The privacy engine is made fresh each round (the model arrives fresh each round),
 but the spending is carried across rounds by a ``PrivacyLedger``, so the epsilon
 a cooperative reports covers the whole run, not one round.
+
+The noise and the Poisson sampling are drawn from generators seeded by the operating
+system's randomness (``secrets``), fresh in every cooperative and round, so nothing in
+the config, run directory or audit log determines them. Opacus's own ``secure_mode``
+would need ``torchcsprng``, which has no build for the installed torch; torch's
+generators are not cryptographic, but their 63-bit seeds never leave the process and
+their outputs are released only as noised sums. Opacus's defence against floating-point
+attacks on the Gaussian sampler (part of ``secure_mode``) is not applied. With
+``privacy.seeded_noise`` (``seed`` given) both come from the run's seed, reproducibly:
+then anyone holding the config can regenerate the noise, and the guarantee holds only
+against parties that do not hold it.
 """
 
 from __future__ import annotations
 
 import math
+import secrets
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -71,15 +83,30 @@ class PrivateTraining:
     loader: Any
 
 
+def _os_seed() -> int:
+    return secrets.randbits(63)
+
+
 def make_private(model: nn.Module, x: np.ndarray, y: np.ndarray, *, batch_size: int, lr: float, momentum: float,
                  noise_multiplier: float, max_grad_norm: float, grad_sample_mode: str, device: torch.device,
-                 seed: int) -> PrivateTraining:
-    """Attach Opacus (RDP accountant, Poisson sampling, seeded noise) the way fedgov trains privately."""
+                 seed: int | None) -> PrivateTraining:
+    """Attach Opacus (RDP accountant, Poisson sampling, noise) the way fedgov trains privately.
+
+    ``seed`` None (the default, ``privacy.seeded_noise = false``): sampling and noise from the
+    operating system's randomness. An int: both reproducible from it.
+    """
     from opacus import PrivacyEngine
 
-    torch.manual_seed(seed)  # Poisson sampling and noise: reproducible for a given seed
+    if seed is None:
+        sampling_seed, noise_seed = _os_seed(), _os_seed()
+        # Anything that falls back on torch's global generator (whose seed is fixed in a fresh process).
+        torch.manual_seed(_os_seed())
+    else:
+        sampling_seed, noise_seed = seed, seed + 1
+        torch.manual_seed(seed)  # Poisson sampling and noise: reproducible for a given seed
     model.to(device)
-    loader = make_loader(x, y, batch_size=batch_size, shuffle=True, seed=seed)
+    # Opacus's Poisson sampler draws from this loader's generator.
+    loader = make_loader(x, y, batch_size=batch_size, shuffle=True, seed=sampling_seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     criterion = nn.CrossEntropyLoss()
     with warnings.catch_warnings():
@@ -88,7 +115,7 @@ def make_private(model: nn.Module, x: np.ndarray, y: np.ndarray, *, batch_size: 
         made = engine.make_private(module=model, optimizer=optimizer, criterion=criterion, data_loader=loader,
                                    noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                                    grad_sample_mode=GRAD_SAMPLE_MODES[grad_sample_mode], poisson_sampling=True,
-                                   noise_generator=torch.Generator(device=device).manual_seed(seed + 1))
+                                   noise_generator=torch.Generator(device=device).manual_seed(noise_seed))
     # Ghost clipping also wraps the loss, so Opacus returns four things instead of three.
     if len(made) == 4:
         private_model, private_optimizer, criterion, private_loader = made
@@ -99,8 +126,11 @@ def make_private(model: nn.Module, x: np.ndarray, y: np.ndarray, *, batch_size: 
 
 def train_private(model: nn.Module, x: np.ndarray, y: np.ndarray, *, spend: RoundSpend, batch_size: int,
                   epochs: int, lr: float, momentum: float, max_grad_norm: float, grad_sample_mode: str,
-                  device: torch.device, seed: int) -> PrivateTrainResult:
-    """DP-SGD for one round; returns the mechanism actually run (steps counted by Opacus)."""
+                  device: torch.device, seed: int | None = None) -> PrivateTrainResult:
+    """DP-SGD for one round; returns the mechanism actually run (steps counted by Opacus).
+
+    ``seed`` None: noise and sampling from the operating system (see ``make_private``).
+    """
     private = make_private(model, x, y, batch_size=batch_size, lr=lr, momentum=momentum,
                            noise_multiplier=spend.noise_multiplier, max_grad_norm=max_grad_norm,
                            grad_sample_mode=grad_sample_mode, device=device, seed=seed)
