@@ -15,8 +15,9 @@ import time
 
 import numpy as np
 
+from fedgov import crypto as he
+from fedgov.bench.he_reference import max_abs_error, plaintext_fedavg
 from fedgov.config import Config
-from fedgov.crypto import he
 from fedgov.models import build_model
 
 MLP_SHAPES = [(784, 120), (120,), (120, 40), (40,), (40, 10), (10,)]
@@ -39,7 +40,7 @@ def max_error(preset: str, mode: str, trials: int = 3) -> float:
         w /= w.sum()
         ups = [he.encrypt_update(c, context=enc, weight=wk, workers=1).to_bytes() for c, wk in zip(clients, w)]
         agg = he.aggregate(ups, context=keys.public_context())
-        worst = max(worst, he.max_abs_error(he.decrypt_aggregate(agg, keys=keys), he.plaintext_fedavg(clients, w)))
+        worst = max(worst, max_abs_error(he.decrypt_aggregate(agg, keys=keys), plaintext_fedavg(clients, w)))
     return worst
 
 

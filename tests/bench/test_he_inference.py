@@ -1,4 +1,4 @@
-"""Encrypted inference (fedgov.crypto.he_inference) and its benchmark (fedgov.bench.inference)."""
+"""Encrypted inference (fedgov.bench.he_inference) and its benchmark (fedgov.bench.inference)."""
 
 import json
 import math
@@ -9,14 +9,7 @@ import pytest
 import tenseal as ts
 
 from fedgov.bench.core import BenchContext
-from fedgov.bench.inference import (
-    load_data,
-    run_encrypted_inference,
-    train_logreg,
-    train_square_mlp,
-)
-from fedgov.crypto.he import SECURITY_128_MAX_COEFF_BITS, HEError
-from fedgov.crypto.he_inference import (
+from fedgov.bench.he_inference import (
     _REQ_HEAD,
     INFERENCE_PRESETS,
     InferenceKeys,
@@ -29,6 +22,13 @@ from fedgov.crypto.he_inference import (
     get_inference_preset,
     input_layout,
 )
+from fedgov.bench.inference import (
+    load_data,
+    run_encrypted_inference,
+    train_logreg,
+    train_square_mlp,
+)
+from fedgov.crypto import SECURITY_128_MAX_COEFF_BITS, HEError
 
 
 @pytest.fixture(scope="module")

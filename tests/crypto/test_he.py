@@ -4,6 +4,8 @@ import dataclasses
 import math
 import re
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +29,8 @@ from fedgov.crypto import (
     generate_keys,
     get_preset,
     load_or_generate_keys,
-    max_abs_error,
-    plaintext_fedavg,
 )
+from fedgov.bench.he_reference import max_abs_error, plaintext_fedavg
 from fedgov.crypto.packing import chunk_ranges, flatten, pack_digits, unflatten, unpack_digits
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "fedgov"
@@ -182,10 +183,10 @@ def test_parallel_encryption_matches(keys, preset, mode):
     enc = k if mode == "clients" else k.public_context()
     x = _clients([(40_000,), (9,)], 1, seed=3)[0]
     par = encrypt_update(x, context=enc, weight=0.5, workers=2)
-    from fedgov.crypto import he
+    from fedgov.crypto import he_workers
 
-    assert he._POOL is not None and not he._POOL_BROKEN  # a worker process did encrypt
-    assert par.num_chunks == -(-40_009 // k.preset.values_per_ciphertext) >= 4
+    assert he_workers._POOL is not None and not he_workers._POOL_BROKEN  # a worker process did encrypt
+    assert par.num_chunks == -(-40_009 // k.preset.data_values_per_ciphertext) >= 4
     one = encrypt_update(x, context=enc, weight=0.5, workers=1)
     assert par.num_bytes == pytest.approx(one.num_bytes, rel=0.01)  # same layout, zstd sizes vary a little
     assert max_abs_error(decrypt_aggregate(par, keys=k), x) <= k.preset.precision
@@ -219,6 +220,8 @@ def test_standard_carries_two_values_per_complex_slot(keys):
     k = keys("standard", "clients")
     n = k.preset.poly_modulus_degree
     assert k.preset.values_per_ciphertext == n
+    n = k.preset.data_values_per_ciphertext  # all but the check slots (fedgov.crypto.he_check)
+    assert n == k.preset.values_per_ciphertext - k.preset.check_values
     x = [np.linspace(-1.0, 1.0, n)]
     upd = encrypt_update(x, context=k, weight=0.5, workers=1)
     assert upd.num_chunks == 1
@@ -232,7 +235,7 @@ def test_symmetric_standard_ciphertexts_travel_seeded(keys):
     # Symmetric encryption sends the random half of each ciphertext as its seed; the
     # aggregator's keyless context regrows it while loading, and the sum decrypts.
     sym, pub = keys("standard", "clients"), keys("standard", "custodian")
-    x = [np.linspace(-1.0, 1.0, sym.preset.values_per_ciphertext)]
+    x = [np.linspace(-1.0, 1.0, sym.preset.data_values_per_ciphertext)]
     seeded = encrypt_update(x, context=sym, weight=0.5, workers=1)
     full = encrypt_update(x, context=pub.public_context(), weight=0.5, workers=1)  # public key: no seed
     assert len(seeded.chunk_bytes()[0]) < 0.55 * len(full.chunk_bytes()[0])
@@ -480,18 +483,29 @@ def test_wire_format_header(keys):
     back = EncryptedUpdate.from_bytes(arr)
     assert back.shapes == SHAPES and back.weight == 0.25 and back.contributors == 1
     assert back.preset_name == "standard" and back.key_id == k.key_id
-    assert back.num_chunks == -(-sum(math.prod(s) for s in SHAPES) // k.preset.values_per_ciphertext)
+    assert back.num_chunks == -(-sum(math.prod(s) for s in SHAPES) // k.preset.data_values_per_ciphertext)
     data = bytes(arr)
     assert data[:4] == b"FGHU" and data[6] == len("standard")
     (n_chunks,) = struct.unpack_from("<I", data, 7 + 8 + 16 + 16 + sum(2 + 8 * len(s) for s in SHAPES))
     assert n_chunks == back.num_chunks
 
 
-def test_only_fedgov_crypto_imports_tenseal():
+def test_only_fedgov_crypto_and_the_benchmarks_import_tenseal():
     offenders = []
     for path in SRC.rglob("*.py"):
-        if path.parent.name == "crypto":
+        if path.parent.name == "crypto" or path.relative_to(SRC).parts[0] == "bench":
             continue
         if re.search(r"^\s*(import|from)\s+tenseal", path.read_text(), re.MULTILINE):
             offenders.append(str(path))
     assert offenders == []
+
+
+def test_importing_fedgov_crypto_or_the_config_does_not_import_tenseal():
+    code = ("import sys\n"
+            "import fedgov.config, fedgov.crypto, fedgov.crypto.keys\n"
+            "from fedgov.crypto import PRESETS, EncryptedUpdate, encrypt_update\n"
+            "print('tenseal' in sys.modules)\n"
+            "fedgov.crypto.generate_keys('standard')\n"
+            "print('tenseal' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "True"]  # imported only when first needed

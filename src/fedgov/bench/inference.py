@@ -12,7 +12,7 @@ Each model is then served two ways and timed:
 
 * ``plain``: the float64 numpy model on one sample (what a server without
   encryption does per request; no network or serialization).
-* ``he``: :mod:`fedgov.crypto.he_inference`: the client encrypts and serializes
+* ``he``: :mod:`fedgov.bench.he_inference`: the client encrypts and serializes
   the sample, the server (public keys only) evaluates and serializes the
   encrypted logit, the client decrypts. Latency is the sum, per sample; the
   stages are also reported. Throughput packs a whole batch (one ciphertext per
@@ -34,7 +34,7 @@ import numpy as np
 from .core import BenchContext, percentile, time_call
 
 if TYPE_CHECKING:
-    from ..crypto.he_inference import (
+    from .he_inference import (
         InferenceKeys,
         InferenceServer,
         LinearModel,
@@ -104,7 +104,7 @@ def train_logreg(data: DiagnosticData, *, seed: int = 0, epochs: int = 300) -> L
     """Logistic regression on standardized features, returned with the standardization folded in."""
     import torch
 
-    from ..crypto.he_inference import LinearModel
+    from .he_inference import LinearModel
 
     torch.manual_seed(seed)
     lin = torch.nn.Linear(data.x_train.shape[1], 1, dtype=torch.float64)
@@ -118,7 +118,7 @@ def train_square_mlp(data: DiagnosticData, *, hidden: int = 16, seed: int = 0, e
     """A d-hidden-1 MLP with activation x^2 on standardized features, standardization folded in."""
     import torch
 
-    from ..crypto.he_inference import SquareMLP
+    from .he_inference import SquareMLP
 
     class Square(torch.nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -236,7 +236,7 @@ def run_encrypted_inference(spec: dict[str, Any], ctx: BenchContext) -> list[dic
     over the timed batches. Latencies: one sample end to end (HE: encrypt and
     serialize, evaluate, decrypt), percentiles over ``samples`` requests.
     """
-    from ..crypto.he_inference import (
+    from .he_inference import (
         InferenceKeys,
         InferenceServer,
         get_inference_preset,

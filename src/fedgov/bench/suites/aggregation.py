@@ -73,33 +73,34 @@ def _plain(updates: list[list[np.ndarray]], clients: int, repeat: int) -> dict[s
 
 def _he(preset: str, updates: list[list[np.ndarray]], clients: int, repeat: int, *,
         cores: int, measure_client: bool, min_seconds: float = 0.0) -> dict[str, Any]:
-    from ...crypto import he
+    from ... import crypto
+    from ..he_reference import max_abs_error, plaintext_fedavg, tenseal_direct_sum
 
     mode = "custodian" if preset == "flare" else "clients"  # FLARE encrypts with the public key
-    keys = he.generate_keys(preset, mode=mode)
-    enc_ctx = keys if mode == "clients" else he.PublicContext.from_bytes(keys.public_context().to_bytes())
+    keys = crypto.generate_keys(preset, mode=mode)
+    enc_ctx = keys if mode == "clients" else crypto.PublicContext.from_bytes(keys.public_context().to_bytes())
     public = keys.public_context()
     weight = 1.0 / clients
-    blobs = [he.encrypt_update(u, context=enc_ctx, weight=weight, workers=cores).to_bytes() for u in updates]
+    blobs = [crypto.encrypt_update(u, context=enc_ctx, weight=weight, workers=cores).to_bytes() for u in updates]
     row: dict[str, Any] = {"bytes_per_client": len(blobs[0])}
     if measure_client:
         row["client_seconds"] = time_call(
-            lambda: he.encrypt_update(updates[0], context=enc_ctx, weight=weight, workers=cores).to_bytes(),
+            lambda: crypto.encrypt_update(updates[0], context=enc_ctx, weight=weight, workers=cores).to_bytes(),
             repeat=repeat).median
         row["client_seconds_1core"] = time_call(
-            lambda: he.encrypt_update(updates[0], context=enc_ctx, weight=weight, workers=1).to_bytes(),
+            lambda: crypto.encrypt_update(updates[0], context=enc_ctx, weight=weight, workers=1).to_bytes(),
             repeat=repeat, warmup=0).median
     cohort = [blobs[k % len(blobs)] for k in range(clients)]
-    chunks = [he.EncryptedUpdate.from_bytes(b).chunk_bytes() for b in blobs]
+    chunks = [crypto.EncryptedUpdate.from_bytes(b).chunk_bytes() for b in blobs]
     cohort_chunks = [chunks[k % len(chunks)] for k in range(clients)]
-    ours, raw = time_paired(lambda: he.aggregate(cohort, context=public).to_bytes(),
-                            lambda: he.tenseal_direct_sum(cohort_chunks, context=public),
+    ours, raw = time_paired(lambda: crypto.aggregate(cohort, context=public).to_bytes(),
+                            lambda: tenseal_direct_sum(cohort_chunks, context=public),
                             repeat=repeat, min_seconds=min_seconds)
     row["server_seconds"], row["server_raw_seconds"] = ours.median, raw.median
-    total = he.aggregate(cohort, context=public).to_bytes()
-    row["decrypt_seconds"] = time_call(lambda: he.decrypt_aggregate(total, keys=keys), repeat=repeat).median
-    expected = he.plaintext_fedavg([updates[k % len(updates)] for k in range(clients)], [weight] * clients)
-    row["max_abs_error"] = he.max_abs_error(he.decrypt_aggregate(total, keys=keys), expected)
+    total = crypto.aggregate(cohort, context=public).to_bytes()
+    row["decrypt_seconds"] = time_call(lambda: crypto.decrypt_aggregate(total, keys=keys), repeat=repeat).median
+    expected = plaintext_fedavg([updates[k % len(updates)] for k in range(clients)], [weight] * clients)
+    row["max_abs_error"] = max_abs_error(crypto.decrypt_aggregate(total, keys=keys), expected)
     return row
 
 

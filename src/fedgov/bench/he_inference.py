@@ -63,7 +63,7 @@ import numpy as np
 import tenseal as ts
 from tenseal import sealapi
 
-from .he import HEError, _SealFiles, check_parameters, preset_from_json
+from ..crypto import HEError, check_parameters, load_seal_ciphertext, preset_from_json, serialize_seal_object
 
 __all__ = [
     "DEFAULT_INFERENCE_PRESET",
@@ -468,7 +468,7 @@ class InferenceKeys:
         out = []
         for g, blob in enumerate(blobs):
             try:
-                ct = _SealFiles.load(self._seal, blob)
+                ct = load_seal_ciphertext(self._seal, blob)
                 if ct.size() != 2:
                     raise ValueError(f"ciphertext of size {ct.size()}")
                 pt = sealapi.Plaintext()
@@ -609,7 +609,7 @@ class InferenceServer:
     def _finish(self, ct: Any) -> bytes:
         while ct.coeff_modulus_size() > 1:  # the last prime alone holds the result: smallest response
             self._ev.mod_switch_to_next_inplace(ct)
-        return _SealFiles.dump(ct)
+        return serialize_seal_object(ct)
 
     # -- one sample -------------------------------------------------------------------
     def _evaluate_sample(self, ct: Any) -> bytes:
