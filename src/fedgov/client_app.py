@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import time
+import traceback
+from logging import ERROR
 from pathlib import Path
 from collections.abc import Mapping
 from typing import Any
@@ -18,11 +20,14 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common import log
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from .client_errors import CODE_DECLINED, CODE_FAILED, exception_reason
 from .config import Config
 from .data import Cooperative, build_federation
+from .decryption import REQUEST_KEY, answer_decrypt_request, custodian_query, extra_nodes, is_custodian_node
 from .models import build_model
 from .privacy import UNIT_WEIGHT_KEY
 from .strategies.governance import WEIGHT_KEY
@@ -40,7 +45,8 @@ class _Node:
         self.federation = build_federation(cfg.data, seed=cfg.seed)
         partition_id = int(context.node_config["partition-id"])
         num_partitions = int(context.node_config.get("num-partitions", self.federation.num_cooperatives))
-        if num_partitions != self.federation.num_cooperatives or not (
+        # In simulation the custodian, when there is one, is the engine's last node: one partition more.
+        if num_partitions - extra_nodes(cfg) != self.federation.num_cooperatives or not (
                 0 <= partition_id < self.federation.num_cooperatives):
             raise ValueError(
                 f"node config partition-id={partition_id} num-partitions={num_partitions} does not fit "
@@ -101,16 +107,22 @@ def _handle_query(message: Message, node: _Node) -> Message:
     return Message(content=content, reply_to=message)
 
 
-# Error code of a reply from a cooperative that sits the round out (budget spent).
-CODE_DECLINED = 1001
 _LEDGER_KEY = "fedgov.privacy"
 
 
-def _train_private(model: torch.nn.Module, node: _Node, context: Context, seed: int, x: np.ndarray, y: np.ndarray
-                   ) -> tuple[TrainResult, dict[str, float]]:
-    """DP-SGD with a ledger that survives between rounds in ``context.state``."""
-    from .privacy.accounting import PrivacyLedger, default_delta
+def _train_private(model: torch.nn.Module, node: _Node, context: Context, seed: int, x: np.ndarray, y: np.ndarray,
+                   round_config: Mapping[str, Any]) -> tuple[TrainResult, dict[str, float]]:
+    """DP-SGD with a ledger that survives between rounds in ``context.state``.
+
+    After ``--resume`` (a new Flower run: empty ``context.state``) the first train message
+    carries the spends the aggregator recorded in its checkpoint (``fedgov.privacy.resume``).
+    Trust assumption: the cooperative adopts that record as its past spending; it checks
+    only that each spend is a valid mechanism. Its noise multiplier, delta and budget come
+    from its own config, never from the message.
+    """
+    from .privacy.accounting import PrivacyLedger, RoundSpend, default_delta
     from .privacy.dp_sgd import plan_round, train_private
+    from .privacy.resume import RECORDED_LEDGER_KEY, decode_spends
     cfg = node.config
     n = len(y)
     if _LEDGER_KEY in context.state:
@@ -118,13 +130,19 @@ def _train_private(model: torch.nn.Module, node: _Node, context: Context, seed: 
     else:
         ledger = PrivacyLedger(delta=cfg.privacy.delta or default_delta(n),
                                budget=cfg.privacy.target_epsilon or math.inf)
+        recorded = round_config.get(RECORDED_LEDGER_KEY)
+        if recorded is not None:
+            ledger.spends = [RoundSpend(*spend) for spend in decode_spends(str(recorded))]
+        context.state[_LEDGER_KEY] = ConfigRecord({"ledger": ledger.to_json()})
+    # Noise and Poisson sampling from the OS's randomness unless privacy.seeded_noise (then from the seed).
+    noise_seed = seed if cfg.privacy.seeded_noise else None
     spend = plan_round(ledger, num_examples=n, batch_size=cfg.train.batch_size, epochs=cfg.train.local_epochs,
                        rounds=cfg.train.rounds, noise_multiplier=cfg.privacy.noise_multiplier,
                        target_epsilon=cfg.privacy.target_epsilon)  # raises BudgetExhausted
     result = train_private(model, x, y, spend=spend, batch_size=cfg.train.batch_size,
                            epochs=cfg.train.local_epochs, lr=cfg.train.lr, momentum=cfg.train.momentum,
                            max_grad_norm=cfg.privacy.max_grad_norm, grad_sample_mode=cfg.privacy.grad_sample_mode,
-                           device=node.device, seed=seed)
+                           device=node.device, seed=noise_seed)
     ledger.record(result.spend)
     context.state[_LEDGER_KEY] = ConfigRecord({"ledger": ledger.to_json()})
     return result.train, {
@@ -165,7 +183,7 @@ def _train_model(model: torch.nn.Module, node: _Node, context: Context, round_co
     if cfg.strategy.name == "qfedavg":  # q-FedAvg needs the loss of the *received* model
         extra["train_loss"] = evaluate(model, x, y, device=node.device).loss
     if cfg.privacy.dp == "sample":
-        result, privacy = _train_private(model, node, context, seed, x, y)
+        result, privacy = _train_private(model, node, context, seed, x, y, round_config)
         extra.update(privacy)
     else:
         loader = make_loader(x, y, batch_size=cfg.train.batch_size, shuffle=True, seed=seed)
@@ -264,8 +282,13 @@ def _encrypted_reply(message: Message, node: _Node, model: torch.nn.Module, metr
     scale = node.config.attack.size_claim if node.malicious else 1.0
     if scale != 1.0:
         delta = [d * scale for d in delta]
+    from .crypto import CheckStamp
+    from .crypto.keys import load_check_key
+
     started = time.perf_counter()
-    update = encrypt_update(delta, context=_he_context(node.config), weight=weight, workers=1)
+    stamp = CheckStamp(load_check_key(node.config.secure.key_dir), int(message.content["config"]["server-round"]),
+                       node.cooperative.id)
+    update = encrypt_update(delta, context=_he_context(node.config), weight=weight, workers=1, check=stamp)
     metrics = {**metrics, "seconds_encrypt": time.perf_counter() - started, "he_weight": weight,
                "he_applied_weight": weight * scale}  # the latter: simulation ground truth, for measurement
     if update.num_clipped is not None:  # compact (quantized) preset only
@@ -275,21 +298,6 @@ def _encrypted_reply(message: Message, node: _Node, model: torch.nn.Module, metr
     if node.config.secure.verify:  # measurement only: lets the server compute the HE error
         records["verify"] = ArrayRecord({str(i): Array(weight * d) for i, d in enumerate(delta)})
     return Message(content=RecordDict(records), reply_to=message)
-
-
-def _handle_decrypt(message: Message, node: _Node) -> Message:
-    """A key-holding cooperative decrypts an aggregate (key holder 'clients'), never one update."""
-    from .crypto import EncryptedUpdate, decrypt_aggregate
-
-    started = time.perf_counter()
-    aggregate = EncryptedUpdate.from_bytes(message.content["he-aggregate"]["ciphertext"].numpy())
-    if aggregate.contributors < 2:
-        return Message(Error(code=CODE_DECLINED, reason="refusing to decrypt fewer than 2 updates"),
-                       reply_to=message)
-    arrays = decrypt_aggregate(aggregate, keys=_he_context(node.config))
-    content = RecordDict({"arrays": ArrayRecord({str(i): Array(a) for i, a in enumerate(arrays)}),
-                          "metrics": MetricRecord({"seconds_decrypt": time.perf_counter() - started})})
-    return Message(content=content, reply_to=message)
 
 
 def _declines(cfg: Config) -> tuple[type[Exception], ...]:
@@ -354,14 +362,37 @@ def clip_when_asked(message: Message, context: Context, call_next):  # noqa: ANN
     return call_next(message, context)
 
 
+def report_failures(message: Message, context: Context, call_next):  # noqa: ANN001, ANN201
+    """Outermost mod: whatever a cooperative raises becomes one clean error reply.
+
+    The aggregator records the cause as raised (no engine wrapper, no colour codes) and the
+    round goes on; the full traceback goes to this node's own log (the SuperNode's, or with
+    ``fedgov.simulate --verbose`` the terminal).
+    """
+    try:
+        return call_next(message, context)
+    except Exception as exc:  # noqa: BLE001 (a broken cooperative must not take the engine's error path)
+        partition = context.node_config.get("partition-id", "?")
+        log(ERROR, "fedgov: cooperative %s failed on a %s message:\n%s", partition,
+            message.metadata.message_type, traceback.format_exc())
+        return Message(Error(code=CODE_FAILED, reason=exception_reason(exc)), reply_to=message)
+
+
 def build_client_app(config: Config | None = None) -> ClientApp:
     """The ClientApp; with ``config`` it ignores ``context.run_config`` (used by fedgov.simulate)."""
-    client_app = ClientApp(mods=[clip_when_asked])
+    client_app = ClientApp(mods=[report_failures, clip_when_asked])
 
     @client_app.query()
     def query(message: Message, context: Context) -> Message:
-        if "he-aggregate" in message.content:
-            return _handle_decrypt(message, _Node(context, config))
+        cfg = config if config is not None else Config.from_flat(context.run_config)
+        federation = build_federation(cfg.data, seed=cfg.seed)
+        if is_custodian_node(context, cfg, federation.num_cooperatives):
+            return custodian_query(message, context, cfg)
+        if REQUEST_KEY in message.content:  # key holder "clients": this cooperative decrypts the round's sum
+            from .crypto.keys import load_check_key
+
+            return answer_decrypt_request(message, context, keys=_he_context(cfg),
+                                          check_key=load_check_key(cfg.secure.key_dir))
         return _handle_query(message, _Node(context, config))
 
     @client_app.train()

@@ -72,6 +72,14 @@ def print_summary(summary: dict[str, Any], console: Console | None = None) -> No
     table.add_row("rounds", str(summary["rounds"]))
     table.add_row("wall time", f"{summary['wall_seconds']:.1f} s on {summary['device']}")
     table.add_row("bytes sent", f"up {format_bytes(summary['bytes_up'])}, down {format_bytes(summary['bytes_down'])}")
+    privacy = summary.get("privacy") or {}
+    if privacy.get("mechanism") == "sample":
+        target = privacy.get("target_epsilon")
+        text = (f"DP-SGD: largest epsilon {pct(privacy.get('max_epsilon'))}"
+                f"{f' (target {target:g})' if target else ''}, delta {privacy.get('delta') or 0:.2g}")
+        if privacy.get("seeded_noise"):
+            text += f"; noise {privacy.get('noise')}"
+        table.add_row("privacy", text)
     influence = summary.get("influence") or {}
     if influence.get("nakamoto") is not None:
         table.add_row("influence", f"{influence['weighting']} weights: Nakamoto {influence['nakamoto']:.1f}  "
@@ -84,7 +92,11 @@ def print_summary(summary: dict[str, Any], console: Console | None = None) -> No
     if compute:
         table.add_row("compute", f"slowest cooperatives {compute['slowest']} took part in "
                                  f"{pct(compute['slowest_participation'])} of rounds ({compute['missed']} missed)")
+    if (summary.get("secure_aggregation") or {}).get("reveals_updates"):
+        table.add_row("secure aggregation", "[bold red]secure.verify: every update was also sent in plaintext; "
+                                            "nothing was hidden from the aggregator[/]")
     if summary.get("audit"):
-        table.add_row("audit", f"{summary['audit']['records']} signed records "
-                               f"(python -m fedgov.audit verify <run>)")
+        head = summary["audit"].get("head")
+        table.add_row("audit", f"{summary['audit']['records']} signed records, head {head[:16] if head else '-'}… "
+                               f"(python -m fedgov.audit verify <run> --head {head or 'HASH'})")
     console.print(table)

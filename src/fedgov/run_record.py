@@ -7,10 +7,11 @@ last finished round) lets an interrupted run resume where it stopped.
 from __future__ import annotations
 
 import io
+import json
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -47,8 +48,16 @@ def fairness(accuracies: list[float]) -> dict[str, float | None]:
 
 @dataclass
 class Checkpoint:
+    """The global model after ``round`` rounds and, under DP-SGD, every cooperative's recorded spends.
+
+    ``ledgers`` maps a cooperative to its ``(noise_multiplier, sample_rate, steps)`` per round
+    trained (``fedgov.privacy.resume``); they are written in the same file, so in the same
+    atomic replace, as the arrays.
+    """
+
     round: int
     arrays: ArrayRecord
+    ledgers: dict[int, list[tuple[float, float, int]]] = field(default_factory=dict)
 
     @staticmethod
     def load(run_dir: Path) -> Checkpoint | None:
@@ -59,9 +68,12 @@ class Checkpoint:
             names = [str(n) for n in data["__names__"]]
             arrays = {name: data[f"a{i}"] for i, name in enumerate(names)}
             done = int(data["__round__"])
+            raw = json.loads(str(data["__privacy__"])) if "__privacy__" in data.files else {}
         import torch
 
-        return Checkpoint(round=done, arrays=ArrayRecord({k: torch.from_numpy(v) for k, v in arrays.items()}))
+        ledgers = {int(c): [(float(z), float(q), int(n)) for z, q, n in spends] for c, spends in raw.items()}
+        return Checkpoint(round=done, arrays=ArrayRecord({k: torch.from_numpy(v) for k, v in arrays.items()}),
+                          ledgers=ledgers)
 
 
 def mechanism(cfg: Config) -> dict[str, Any]:
@@ -69,8 +81,25 @@ def mechanism(cfg: Config) -> dict[str, Any]:
     return {"strategy": cfg.strategy.name, "weighting": cfg.governance.weighting,
             "secure_aggregation": cfg.secure.aggregation,
             "he_preset": cfg.secure.preset if cfg.secure.aggregation == "he" else None,
-            "dp": cfg.privacy.dp, "clip_update_norm": cfg.governance.clip_update_norm or None,
-            "max_update_norm": cfg.governance.max_update_norm or None}
+            "dp": cfg.privacy.dp, "dp_noise": _dp_noise(cfg),
+            "clip_update_norm": cfg.governance.clip_update_norm or None,
+            "max_update_norm": cfg.governance.max_update_norm or None,
+            # secure.verify: every cooperative also sends its plaintext update, so nothing is hidden.
+            "reveals_updates": reveals_updates(cfg)}
+
+
+def reveals_updates(cfg: Config) -> bool:
+    """A secure-aggregation run with secure.verify, which hands the aggregator every plaintext update."""
+    return cfg.secure.aggregation != "off" and cfg.secure.verify
+
+
+def _dp_noise(cfg: Config) -> str | None:
+    """Where DP-SGD's noise comes from: the OS's randomness, or (privacy.seeded_noise) the config."""
+    from .privacy import OS_NOISE, SEEDED_NOISE
+
+    if cfg.privacy.dp != "sample":
+        return None
+    return SEEDED_NOISE if cfg.privacy.seeded_noise else OS_NOISE
 
 
 class RunRecord:
@@ -135,6 +164,7 @@ class RunRecord:
             "seconds": time.perf_counter() - log.started,
             "bytes_up": log.bytes_up,
             "bytes_down": log.bytes_down,
+            "bytes_by_stage": log.bytes_by_stage,
             "participants": len(contributors),
             "sampled": log.sampled,
             "contributors": contributors,
@@ -181,7 +211,7 @@ class RunRecord:
         from .audit import digest_arrays
 
         hidden = self.cfg.secure.aggregation == "secagg+"
-        return {
+        body = {
             "round": row["round"],
             "mechanism": mechanism(self.cfg),
             "sampled": row["sampled"],
@@ -194,12 +224,33 @@ class RunRecord:
             "rejected": [f for f in row["failures"] if f.get("rejected")],
             "missed": [f for f in row["failures"] if not f.get("rejected")],
         }
+        if row["round"] == 1:  # later rounds start from the previous record's global_model; round 1 from this
+            body["initial_model"] = self._initial_model_digest()
+        return body
+
+    def _initial_model_digest(self) -> str | None:
+        """Digest of the model round 1 started from, as the strategy archived it when the round began.
+
+        RunRecord never holds the initial model itself; the archived copy is what trace replays,
+        so signing its digest now lets trace tell a copy swapped later. None when not retained.
+        """
+        from .audit import digest_arrays
+        from .governance.archive import UpdateArchive
+
+        path = UpdateArchive(self.run_dir).global_file(1)
+        return digest_arrays(UpdateArchive.load_arrays(path)) if path.is_file() else None
 
     def save_checkpoint(self, arrays: ArrayRecord) -> None:
         names = list(arrays.keys())
         payload = {f"a{i}": arrays[name].numpy() for i, name in enumerate(names)}
+        ledgers: dict[int, Any] = {}
+        if self.cfg.privacy.dp == "sample":  # each cooperative's spends, so that --resume continues them
+            from .privacy.resume import recorded_spends
+
+            ledgers = recorded_spends(self.rows)
         buffer = io.BytesIO()
-        np.savez(buffer, __names__=np.array(names), __round__=np.array(self.rounds_done), **payload)
+        np.savez(buffer, __names__=np.array(names), __round__=np.array(self.rounds_done),
+                 __privacy__=np.array(json.dumps({str(c): s for c, s in ledgers.items()})), **payload)
         path = self.run_dir / CHECKPOINT
         tmp = path.with_name(f".{CHECKPOINT}.tmp")
         tmp.write_bytes(buffer.getvalue())
@@ -269,6 +320,8 @@ class RunRecord:
                 "bytes_per_param": max((h["bytes_per_param"] for h in he_rows), default=None),
                 "max_abs_error": max(errors) if errors else None,
             }
+        if reveals_updates(cfg):
+            summary["secure_aggregation"]["reveals_updates"] = True
         return summary
 
     def _influence_block(self) -> dict[str, Any]:
@@ -344,7 +397,12 @@ class RunRecord:
                 "noise_multiplier": {"min": min(noises, default=None), "max": max(noises, default=None)},
                 "max_grad_norm": p.max_grad_norm,
                 "grad_sample_mode": p.grad_sample_mode,
+                "seeded_noise": p.seeded_noise,
+                "noise": _dp_noise(self.cfg),
             })
+            if self.resumed_from is not None:  # the ledgers before the crash came from the checkpoint
+                block["resumed_ledger"] = ("each cooperative adopted the spends the aggregator recorded in its "
+                                           "checkpoint (trusted; fedgov.privacy.resume)")
         elif self.central_dp is not None:
             dp = self.central_dp
             block.update({
@@ -364,8 +422,18 @@ class RunRecord:
         if self.audit is not None:
             from .audit import digest_arrays
 
+            # The rounds the run claims; verify checks the round records cover exactly these.
+            covered = [self.rows[0]["round"], self.rows[-1]["round"]] if self.rows else None
             self.audit.append("run_end", {
-                "rounds": len(self.rows), "final_accuracy": summary["final_accuracy"],
+                "rounds": len(self.rows), "round_range": covered, "final_accuracy": summary["final_accuracy"],
                 "global_model": digest_arrays([a.numpy() for a in arrays.values()]) if arrays is not None else None})
+            # The head is known only now: a witness (the board) keeps it to prove where the log ended.
+            summary["audit"].update(records=self.audit.seq, head=self.audit.head)
+            from logging import INFO
+
+            from flwr.common import log
+
+            log(INFO, "fedgov: audit log head %s (python -m fedgov.audit verify %s --head HASH)",
+                self.audit.head, self.run_dir)
         write_json(self.run_dir / "summary.json", summary)
         return summary

@@ -21,8 +21,11 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from .audit import LOG_NAME, AuditError, AuditLog
+from .client_errors import clean_reason
+from .decryption import extra_nodes, uses_custodian
+from .traffic import TrafficMeter
 from .config import Config
-from .data import build_federation
+from .preflight import resolve_federation
 from .governance.archive import UpdateArchive
 from .models import build_model, count_parameters
 from .results import atomic_write_bytes, new_run_dir
@@ -42,28 +45,41 @@ class FederationError(RuntimeError):
 def _wait_for_nodes(grid: Grid, expected: int, timeout: float) -> list[int]:
     deadline = time.monotonic() + timeout
     last_report = 0.0
-    while len(nodes := sorted(grid.get_node_ids())) < expected:
+    while len(nodes := sorted(grid.get_node_ids())) != expected:
+        if len(nodes) > expected:  # e.g. num-supernodes or SuperNodes started for another federation size
+            raise FederationError(f"{len(nodes)} nodes joined, but the data defines {expected} cooperatives "
+                                  f"(data.num_cooperatives = {expected}); run one node per cooperative")
         if time.monotonic() - last_report > 10:  # a silent wait looks like a hang (e.g. too few SuperNodes)
             log(INFO, "fedgov: %d of %d cooperatives connected; waiting", len(nodes), expected)
             last_report = time.monotonic()
         if time.monotonic() > deadline:
             raise FederationError(f"only {len(nodes)} of {expected} cooperatives connected within "
-                                  f"{timeout:.0f} s (data.num_cooperatives = {expected})")
+                                  f"{timeout:.0f} s (data.num_cooperatives = {expected}); start one SuperNode "
+                                  f"per cooperative, or on a simulation SuperLink pass --federation-config "
+                                  f"'num-supernodes={expected}'")
         time.sleep(0.5)
     return nodes
 
 
-def discover_cooperatives(grid: Grid, node_ids: list[int], timeout: float
-                          ) -> tuple[dict[int, int], dict[int, dict[str, Any]]]:
-    """Ask every node which cooperative it is; node ids are random, cooperative ids are not."""
+def discover_cooperatives(grid: Grid, node_ids: list[int], timeout: float, *, num_cooperatives: int,
+                          expect_custodian: bool = False
+                          ) -> tuple[dict[int, int], dict[int, dict[str, Any]], int | None]:
+    """Ask every node which cooperative it is; node ids are random, cooperative ids are not.
+
+    Returns node -> cooperative, each cooperative's statistics, and the custodian's node (if any).
+    """
     messages = [Message(content=RecordDict({"config": ConfigRecord({})}), message_type=MessageType.QUERY,
                         dst_node_id=node) for node in node_ids]
     node_to_coop: dict[int, int] = {}
     stats: dict[int, dict[str, Any]] = {}
+    custodians: list[int] = []
     for reply in grid.send_and_receive(messages, timeout=timeout):
         node = reply.metadata.src_node_id
         if reply.has_error():
-            raise FederationError(f"node {node} could not load its cooperative: {reply.error.reason}")
+            raise FederationError(f"node {node} could not load its cooperative: {clean_reason(reply.error.reason)}")
+        if "cooperative" not in reply.content:  # a node with another role: the custodian
+            custodians.append(node)
+            continue
         record = reply.content["cooperative"]
         coop = int(record["partition-id"])
         if coop in stats:
@@ -73,27 +89,35 @@ def discover_cooperatives(grid: Grid, node_ids: list[int], timeout: float
                        "num_examples": int(record["num-examples"]), "num_train": int(record["num-train"]),
                        "num_test": int(record["num-test"]),
                        "label_counts": [int(c) for c in record["label-counts"]]}
-    missing = set(range(len(node_ids))) - set(stats)
+    missing = set(range(num_cooperatives)) - set(stats)
     if missing:
         raise FederationError(f"no reply from cooperative(s) {sorted(missing)}")
-    return node_to_coop, stats
+    if len(custodians) != (1 if expect_custodian else 0):
+        raise FederationError(f"{len(custodians)} custodian node(s) joined; secure.key_holder = 'custodian' needs "
+                              f"exactly one (a SuperNode with --node-config \"role=custodian\"), other runs none")
+    return node_to_coop, stats, (custodians[0] if custodians else None)
 
 
 def run_federation(grid: Grid, cfg: Config, run_dir: Path, *,
                    on_round: Callable[[dict[str, Any]], None] | None = None) -> RunRecord:
     """Train the federation for ``train.rounds`` rounds, resuming from ``run_dir``'s checkpoint if any."""
     wall_start = time.perf_counter()
-    federation = build_federation(cfg.data, seed=cfg.seed)
+    # The data settles the federation's size here too, so `flwr run` agrees with fedgov.simulate.
+    cfg, federation = resolve_federation(cfg, given=frozenset())
     device = resolve_device(cfg.runtime.device)
     torch.set_num_threads(1)
 
-    nodes = _wait_for_nodes(grid, federation.num_cooperatives, NODE_WAIT_SECONDS)
-    node_to_coop, coop_stats = discover_cooperatives(grid, nodes, timeout=NODE_WAIT_SECONDS)
+    nodes = _wait_for_nodes(grid, federation.num_cooperatives + extra_nodes(cfg), NODE_WAIT_SECONDS)
+    node_to_coop, coop_stats, custodian_node = discover_cooperatives(
+        grid, nodes, timeout=NODE_WAIT_SECONDS, num_cooperatives=federation.num_cooperatives,
+        expect_custodian=uses_custodian(cfg))
 
     model = build_model(cfg.model.name, input_shape=federation.input_shape,
                         num_classes=federation.num_classes, hidden=cfg.model.hidden, seed=cfg.seed)
     test = federation.global_test
     probe = _attack_probe(cfg, federation, model, device)
+    # Every message of every round from here on passes one meter, so all mechanisms are counted alike.
+    grid = meter = TrafficMeter(grid)
     checkpoint = Checkpoint.load(run_dir)
     if cfg.secure.aggregation == "he":
         _copy_escrow(Path(cfg.secure.key_dir), run_dir)
@@ -103,10 +127,17 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, *,
     if checkpoint is not None:
         record.restore(checkpoint)
         initial_arrays = checkpoint.arrays
+        if checkpoint.ledgers:  # DP-SGD: each cooperative continues the spends recorded with the checkpoint
+            from .privacy.resume import LedgerHandover
+
+            grid = LedgerHandover(grid, {node: checkpoint.ledgers[coop] for node, coop in node_to_coop.items()
+                                         if coop in checkpoint.ledgers})
     else:
         initial_arrays = ArrayRecord(model.state_dict())
     done = record.rounds_done
     if done >= cfg.train.rounds:
+        if not (run_dir / "summary.json").is_file():  # killed after its last checkpoint: finish the record now
+            record.finish(wall_seconds=time.perf_counter() - wall_start, arrays=initial_arrays)
         return record
 
     archive = UpdateArchive(run_dir) if cfg.governance.retain_updates else None
@@ -123,12 +154,12 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, *,
             raise FederationError(f"secure.key_dir: no provisioned HE keys in {key_dir!s} "
                                   f"(python -m fedgov.crypto.keys DIR --preset {cfg.secure.preset})")
         he = strategy = HESecureAggregation(
-            strategy, key_dir=key_dir, key_holder=cfg.secure.key_holder, node_to_cooperative=node_to_coop,
+            strategy, key_dir=key_dir, custodian_node=custodian_node, node_to_cooperative=node_to_coop,
             examples={c: s["num_train"] for c, s in coop_stats.items()}, verify=cfg.secure.verify,
             policy=cfg.governance.weighting, cap=cfg.governance.cap, archive=archive)
     recorder = RoundRecorder(strategy, node_to_cooperative=node_to_coop,
                              sampler=CohortSampler(seed=cfg.seed, fraction=cfg.strategy.fraction_train),
-                             round_offset=done)
+                             round_offset=done, meter=meter)
     latest = {"arrays": initial_arrays}
 
     def global_metrics(arrays: ArrayRecord) -> tuple[float, float]:
@@ -170,7 +201,12 @@ def _audit_key_path(run_dir: Path) -> Path:
 
 
 def open_audit(run_dir: Path, cfg: Config, *, cooperatives: dict[int, dict[str, Any]], resuming: bool) -> AuditLog:
-    """Start (or, on resume, continue) the run's signed audit log."""
+    """Start (or, on resume, continue) the run's signed audit log.
+
+    A resume with no round left to train (the checkpoint is at ``train.rounds``) appends
+    nothing: the run trains no round and writes no summary, so the log stays as the run
+    left it (a finished run's log still ends with its run_end, and still verifies).
+    """
     key_path = _audit_key_path(run_dir)
     if (run_dir / LOG_NAME).is_file():
         if not key_path.is_file():
@@ -180,7 +216,9 @@ def open_audit(run_dir: Path, cfg: Config, *, cooperatives: dict[int, dict[str, 
             audit = AuditLog(run_dir, private_key_bytes=key_path.read_bytes())
         except AuditError as exc:
             raise FederationError(str(exc)) from None
-        audit.append("run_resume", {"from_round": _checkpoint_round(run_dir) if resuming else 0})
+        from_round = _checkpoint_round(run_dir) if resuming else 0
+        if from_round < cfg.train.rounds:
+            audit.append("run_resume", {"from_round": from_round})
         return audit
     audit = AuditLog(run_dir)
     atomic_write_bytes(key_path, audit.private_key_bytes, mode=0o600)
@@ -197,6 +235,7 @@ def open_audit(run_dir: Path, cfg: Config, *, cooperatives: dict[int, dict[str, 
 
 
 def _checkpoint_round(run_dir: Path) -> int:
+    """The round the checkpoint is at (0 without one): where a resumed run starts."""
     checkpoint = Checkpoint.load(run_dir)
     return checkpoint.round if checkpoint is not None else 0
 

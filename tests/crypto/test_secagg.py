@@ -127,8 +127,14 @@ def test_secagg_round_records_costs_and_stays_within_the_quantization_bound(tmp_
         for stage in STAGES:
             assert block["bytes"][stage]["up"] > 0 and block["bytes"][stage]["down"] > 0, stage
             assert row["phase_seconds"][f"secagg_{stage}"] > 0
-        assert row["bytes_up"] == sum(b["up"] for b in block["bytes"].values())
-        assert row["bytes_down"] == sum(b["down"] for b in block["bytes"].values())
+        # One meter counts every message of the round: SecAgg+'s own count of its stages agrees with it,
+        # and the round's totals add the evaluation.
+        for stage in STAGES:
+            assert row["bytes_by_stage"][f"secagg_{stage}"] == block["bytes"][stage], stage
+        assert set(row["bytes_by_stage"]) == {f"secagg_{s}" for s in STAGES} | {"evaluate"}
+        assert row["bytes_up"] == sum(b["up"] for b in row["bytes_by_stage"].values())
+        assert row["bytes_down"] == sum(b["down"] for b in row["bytes_by_stage"].values())
+        assert row["bytes_by_stage"]["evaluate"]["down"] >= 3 * _model_bytes(cfg)
         # masked vectors are int64: at least 8 bytes per parameter per cooperative, twice float32
         assert row["bytes_up"] > 2 * 3 * _model_bytes(cfg) * 0.99
         assert 0 < block["max_abs_error"] <= block["error_bound"] <= quantization_bound(3)

@@ -5,11 +5,11 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import strategy as flwr_strategy
 
-from fedgov.crypto import PublicContext, encrypt_update, generate_keys
+from fedgov.crypto import CheckStamp, PublicContext, encrypt_update, generate_keys
 from fedgov.crypto.keys import COOPERATIVE_CONTEXT, provision
 from fedgov.governance.archive import UpdateArchive
 from fedgov.strategies.secure_he import HESecureAggregation
-from tests.strategies.conftest import FakeGrid
+from tests.strategies.conftest import CUSTODIAN_NODE, CustodianGrid, FakeGrid
 
 NODES = {701 + i: i for i in range(5)}
 SIZES = {c: 10 for c in NODES.values()}
@@ -32,25 +32,28 @@ def test_bad_ciphertexts_are_rejected_and_the_rest_are_summed(key_dir, tmp_path)
     archive = UpdateArchive(tmp_path)
     strategy = HESecureAggregation(
         flwr_strategy.FedAvg(fraction_train=1.0, min_train_nodes=1, min_available_nodes=1), key_dir=key_dir,
-        key_holder="custodian", examples=SIZES, node_to_cooperative=NODES, verify=False, policy="equal",
+        custodian_node=CUSTODIAN_NODE, examples=SIZES, node_to_cooperative=NODES, verify=False, policy="equal",
         archive=archive)
     start = ArrayRecord({"w": Array(np.zeros((3, 4), dtype=np.float32))})
-    messages = list(strategy.configure_train(1, start, ConfigRecord(), FakeGrid(NODES)))
+    grid = CustodianGrid(NODES, key_dir)
+    messages = list(strategy.configure_train(1, start, ConfigRecord(), grid))
     weight = messages[0].content["config"]["he-weight"]
     assert weight == pytest.approx(0.2)
 
-    def honest(value):
-        return encrypt_update([np.full((3, 4), value)], context=public, weight=weight).to_numpy()
+
+    def honest(value, coop):  # round 1, with the check slots the custodian verifies
+        return encrypt_update([np.full((3, 4), value)], context=public, weight=weight,
+                              check=CheckStamp(grid.check_key, 1, coop)).to_numpy()
 
     other_keys = generate_keys("standard", mode="custodian").public_context()
     blobs = {
-        0: honest(1.0),
+        0: honest(1.0, 0),
         1: encrypt_update([np.ones((3, 4))], context=other_keys, weight=weight).to_numpy(),  # foreign keys
         2: encrypt_update([np.ones((4, 3))], context=public, weight=weight).to_numpy(),  # wrong shape
         3: encrypt_update([np.ones((3, 4))], context=public, weight=0.9).to_numpy(),  # claims more weight
-        4: honest(3.0),
+        4: honest(3.0, 4),
     }
-    corrupt = honest(5.0).copy()
+    corrupt = honest(5.0, 0).copy()
     corrupt[len(corrupt) // 2:len(corrupt) // 2 + 64] ^= 0xFF  # the header parses, a ciphertext does not
     replies = [_message(m, blobs[NODES[m.metadata.dst_node_id]]) for m in messages]
     to_coop0 = next(m for m in messages if NODES[m.metadata.dst_node_id] == 0)
@@ -76,7 +79,7 @@ def test_each_cooperative_is_told_its_own_weight(key_dir):
     sizes = {c: 10 * (c + 1) for c in NODES.values()}
     strategy = HESecureAggregation(
         flwr_strategy.FedAvg(fraction_train=1.0, min_train_nodes=1, min_available_nodes=1), key_dir=key_dir,
-        key_holder="custodian", examples=sizes, node_to_cooperative=NODES, verify=False, policy="samples")
+        custodian_node=CUSTODIAN_NODE, examples=sizes, node_to_cooperative=NODES, verify=False, policy="samples")
     start = ArrayRecord({"w": Array(np.zeros((3, 4), dtype=np.float32))})
     messages = list(strategy.configure_train(1, start, ConfigRecord(), FakeGrid(NODES)))
     told = {NODES[m.metadata.dst_node_id]: m.content["config"]["he-weight"] for m in messages}

@@ -98,6 +98,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -116,6 +117,8 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 
+from ..client_errors import failure_of
+from ..traffic import SECAGG_VERIFY_RECORD, content_bytes
 from ..config import cohort_size, secagg_cohort_problem
 
 if TYPE_CHECKING:
@@ -144,7 +147,7 @@ STAGES: tuple[str, ...] = tuple(Stage.all())  # setup, share_keys, collect_maske
 # Key fedgov adds to the legacy FitIns config (scalars only: legacy configs hold no lists).
 SEED_KEY = "fedgov.secagg.rounding-seed"
 # Reply record with the UNMASKED parameters, only with secure.verify = true (measurement only).
-VERIFY_RECORD = "fedgov.secagg.verify.parameters"
+VERIFY_RECORD = SECAGG_VERIFY_RECORD
 
 FitFn = Callable[[list[np.ndarray], dict[str, Any]], tuple[list[np.ndarray], int, dict[str, float]]]
 
@@ -223,29 +226,6 @@ def secagg_train(message: Message, context: Context, *, fit: FitFn,
 # Server side
 # ---------------------------------------------------------------------------
 
-def _config_record_bytes(record: ConfigRecord) -> int:
-    """Keys plus values (bytes/str by length, numbers 8, booleans 1); empty lists are 0."""
-    def size(value: Any) -> int:
-        if isinstance(value, bool):
-            return 1
-        if isinstance(value, (bytes, str)):
-            return len(value)
-        return 8
-
-    total = 0
-    for key, value in record.items():
-        total += len(key)
-        total += sum(size(v) for v in value) if isinstance(value, list) else size(value)
-    return total
-
-
-def _content_bytes(content: RecordDict) -> int:
-    total = sum(r.count_bytes() for r in content.array_records.values())
-    total += sum(r.count_bytes() for r in content.metric_records.values())
-    total += sum(_config_record_bytes(r) for r in content.config_records.values())
-    return total
-
-
 def error_bound(*, num_clients: int, clip_range: float, quantization_range: int, weight_sum: float) -> float:
     """Bound on |SecAgg+ aggregate - plaintext FedAvg of the same clipped updates| (module docstring)."""
     return num_clients * (2.0 * clip_range / quantization_range) / weight_sum
@@ -300,20 +280,24 @@ class _CountingGrid:
         messages = list(messages)
         if state is None or stage is None:  # not a SecAgg+ stage (never happens in fedgov's flow)
             return self._grid.send_and_receive(messages, timeout=timeout)
-        state.bytes[stage]["down"] += sum(_content_bytes(m.content) for m in messages)
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        state.bytes[stage]["down"] += sum(content_bytes(m.content) for m in messages)
+        labelled = getattr(self._grid, "stage", None)  # a TrafficMeter counts the stage under its own name
+        with labelled(f"secagg_{stage}") if labelled is not None else contextlib.nullcontext():
+            replies = list(self._grid.send_and_receive(messages, timeout=timeout))
         log = state.log
         for reply in sorted(replies, key=lambda m: tracker.cooperative(m.metadata.src_node_id)):
             coop = tracker.cooperative(reply.metadata.src_node_id)
             if reply.has_error():
-                log.failures.append({"cooperative": coop, "reason": f"secagg+ {stage}: {reply.error.reason}"})
+                failure = failure_of(reply, coop, phase=f"secagg+ {stage}")
+                failure["reason"] = f"secagg+ {stage}: {failure['reason']}"
+                log.failures.append(failure)
                 continue
             if VERIFY_RECORD in reply.content.array_records:  # measurement-only, not protocol bytes
                 record = reply.content.array_records[VERIFY_RECORD]
                 state.verify_bytes_up += record.count_bytes()
                 state.plaintext[coop] = [record[k].numpy() for k in record]
                 del reply.content[VERIFY_RECORD]
-            state.bytes[stage]["up"] += _content_bytes(reply.content)
+            state.bytes[stage]["up"] += content_bytes(reply.content)
             if stage == Stage.COLLECT_MASKED_VECTORS:
                 log.participants.append(coop)
                 fitres_metrics = reply.content.config_records.get("fitres.metrics", {})
@@ -525,8 +509,13 @@ def run_secagg_rounds(grid: Grid, cfg: Config, *, initial_arrays: ArrayRecord, n
 
         log.seconds_train = state.seconds[Stage.COLLECT_MASKED_VECTORS]
         log.seconds_aggregate = state.seconds[Stage.UNMASK]
-        log.bytes_up = sum(b["up"] for b in state.bytes.values())
-        log.bytes_down = sum(b["down"] for b in state.bytes.values())
+        if hasattr(grid, "take"):  # a TrafficMeter: all four stages and the evaluation, counted alike
+            log.bytes_by_stage = grid.take()
+            log.bytes_up = sum(b["up"] for b in log.bytes_by_stage.values())
+            log.bytes_down = sum(b["down"] for b in log.bytes_by_stage.values())
+        else:
+            log.bytes_up = sum(b["up"] for b in state.bytes.values())
+            log.bytes_down = sum(b["down"] for b in state.bytes.values())
         log.extra_phase_seconds = {f"secagg_{stage}": state.seconds[stage] for stage in STAGES}
         block: dict[str, Any] = {"bytes": state.bytes, "num_shares": state.num_shares, "threshold": state.threshold,
                                  "max_weight": state.max_weight, "halted_at": state.halted_at}

@@ -8,10 +8,11 @@ with a public context, and has a key holder decrypt only the sum:
 
 - key holder ``clients``: one participating cooperative decrypts (a QUERY
   message), as NVIDIA FLARE's clients do;
-- key holder ``custodian``: a separate oversight party (``Custodian``) decrypts.
+- key holder ``custodian``: a separate oversight party, a node of its own
+  (``fedgov.decryption``), decrypts.
 
-The aggregator object never holds a secret key (``self.context.is_private()`` is
-False). What it cannot check: the weights. A cooperative that claims a larger
+Either way the key holder is reached through the grid: the aggregator's process never
+opens a secret key (``self.context.is_private()`` is False). What it cannot check: the weights. A cooperative that claims a larger
 ``n_k`` simply gets more influence, and nobody sees it.
 """
 
@@ -27,28 +28,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-__all__ = ["HESecureAggregation", "Custodian"]
+from ..client_errors import clean_reason
 
-
-class Custodian:
-    """An oversight key holder that decrypts aggregates of at least two updates, and nothing else."""
-
-    def __init__(self, key_dir: Path) -> None:
-        from ..crypto import SecretKeys
-        from ..crypto.keys import CUSTODIAN_KEYS
-
-        self._keys = SecretKeys.from_bytes((key_dir / CUSTODIAN_KEYS).read_bytes())
-
-    def decrypt(self, aggregate: Any) -> list[np.ndarray]:
-        from ..crypto import decrypt_aggregate
-
-        if aggregate.contributors < 2:
-            raise PermissionError("the custodian decrypts aggregates only, not single updates")
-        return decrypt_aggregate(aggregate, keys=self._keys)
+__all__ = ["HESecureAggregation"]
 
 
 class HESecureAggregation(Strategy):
-    def __init__(self, inner: Strategy, *, key_dir: Path, key_holder: str, examples: dict[int, int],
+    def __init__(self, inner: Strategy, *, key_dir: Path, custodian_node: int | None, examples: dict[int, int],
                  node_to_cooperative: dict[int, int], verify: bool, policy: str = "samples", cap: float = 1.0,
                  archive: Any = None) -> None:
         from ..crypto import PublicContext
@@ -56,7 +42,9 @@ class HESecureAggregation(Strategy):
 
         self.inner = inner
         self.context = PublicContext.from_bytes((key_dir / AGGREGATOR_CONTEXT).read_bytes())
-        self.custodian = Custodian(key_dir) if key_holder == "custodian" else None
+        # The key holder is always another party, reached through the grid: the custodian's node, or
+        # (key holder "clients") one of the round's contributors. This process opens no secret key.
+        self.custodian_node = custodian_node
         self.examples = examples
         self.node_to_cooperative = node_to_cooperative
         self.verify = verify
@@ -91,17 +79,21 @@ class HESecureAggregation(Strategy):
             message.content = RecordDict(content)
         return messages
 
-    def _decrypt(self, aggregate: Any, participants: list[Message]) -> tuple[list[np.ndarray], float]:
+    def _decrypt(self, aggregate: Any, participants: list[Message], server_round: int
+                 ) -> tuple[list[np.ndarray], float]:
+        from ..decryption import decrypt_request
+
         started = time.perf_counter()
-        if self.custodian is not None:
-            return self.custodian.decrypt(aggregate), time.perf_counter() - started
         assert self._grid is not None
-        holder = participants[0].metadata.src_node_id  # deterministic: replies are in cooperative order
-        request = Message(content=RecordDict({"he-aggregate": ArrayRecord({"ciphertext": Array(aggregate.to_numpy())})}),
-                          message_type=MessageType.QUERY, dst_node_id=holder)
+        # Deterministic: replies are in cooperative order, so "clients" always asks the first contributor.
+        holder = self.custodian_node if self.custodian_node is not None else participants[0].metadata.src_node_id
+        contributors = [self.node_to_cooperative[r.metadata.src_node_id] for r in participants]
+        request = decrypt_request(aggregate.to_numpy(), server_round=server_round, contributors=contributors,
+                                  dst_node_id=holder)
         (reply,) = list(self._grid.send_and_receive([request], timeout=600))
         if reply.has_error():
-            raise RuntimeError(f"cooperative could not decrypt the aggregate: {reply.error.reason}")
+            who = "the custodian" if self.custodian_node is not None else "the key-holding cooperative"
+            raise RuntimeError(f"{who} did not decrypt the aggregate: {clean_reason(reply.error.reason)}")
         arrays = [a.numpy() for a in reply.content["arrays"].values()]
         return arrays, time.perf_counter() - started
 
@@ -163,7 +155,7 @@ class HESecureAggregation(Strategy):
                 self.archive.save_bytes(server_round, f"coop_{coop:03d}", memoryview(data))
         self.last = {"rejected": rejected, "digests": digests,
                      "weights": {c: self._weights[c] for c in contributors if c in self._weights}}
-        average_delta, seconds_decrypt = self._decrypt(summed, accepted)
+        average_delta, seconds_decrypt = self._decrypt(summed, accepted, server_round)
         new = [(c + d).astype(c.dtype) for c, d in zip(self._current, average_delta)]
         num_params = sum(c.size for c in self._current)
         self.last.update({
