@@ -157,7 +157,7 @@ def test_a_failing_cooperative_is_one_line_and_a_clean_record(tmp_path):
     audit = (run_dir / "audit.jsonl").read_text()
     assert "HEError: " in audit and "ray" not in audit.lower() and "\\u001b" not in audit
 
-    verbose = run_simulate(*failing, "--verbose", "--out", str(tmp_path / "verbose"))
+    verbose = run_simulate(*failing, "--set", "train.rounds=1", "--verbose", "--out", str(tmp_path / "verbose"))
     assert verbose.returncode == 1
     assert "Traceback" in verbose.stderr and "HEError" in verbose.stderr  # the full trace, on request
 

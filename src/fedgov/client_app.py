@@ -8,26 +8,23 @@ settings from ``context.run_config`` (or the Config handed to
 
 from __future__ import annotations
 
-import math
 import time
 import traceback
 from logging import ERROR
-from pathlib import Path
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common import log
-from flwr.clientapp.mod import fixedclipping_mod
-from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from .client_errors import CODE_DECLINED, CODE_FAILED, exception_reason
 from .config import Config
 from .data import Cooperative, build_federation
-from .decryption import REQUEST_KEY, answer_decrypt_request, custodian_query, extra_nodes, is_custodian_node
+from .decryption import extra_nodes
+from .mechanisms import mechanism_mods
 from .models import build_model
 from .privacy import UNIT_WEIGHT_KEY
 from .strategies.governance import WEIGHT_KEY
@@ -68,7 +65,7 @@ class _Node:
         """The data size this cooperative reports: a lying one overstates it (attack.size_claim).
 
         Under HE a liar needs no false claim: it scales its update inside the ciphertext,
-        where the aggregator cannot see it (see ``_encrypted_reply``).
+        where the aggregator cannot see it (``fedgov.mechanisms.he``).
         """
         lies = self.malicious and self.config.secure.aggregation != "he"
         return round(num_examples * self.config.attack.size_claim) if lies else num_examples
@@ -78,17 +75,6 @@ class _Node:
         model = build_model(cfg.model.name, input_shape=self.federation.input_shape,
                             num_classes=self.federation.num_classes, hidden=cfg.model.hidden)
         model.load_state_dict(message.content["arrays"].to_torch_state_dict())
-        return model
-
-    def model_from_arrays(self, arrays: list) -> torch.nn.Module:
-        """The model from unnamed numpy arrays in state_dict order (SecAgg+'s legacy messages)."""
-        cfg = self.config
-        model = build_model(cfg.model.name, input_shape=self.federation.input_shape,
-                            num_classes=self.federation.num_classes, hidden=cfg.model.hidden)
-        names = list(model.state_dict())
-        if len(names) != len(arrays):
-            raise ValueError(f"received {len(arrays)} arrays for a model with {len(names)}")
-        model.load_state_dict({n: torch.from_numpy(np.asarray(a)) for n, a in zip(names, arrays)})
         return model
 
 
@@ -105,53 +91,6 @@ def _handle_query(message: Message, node: _Node) -> Message:
         "identity": ConfigRecord({"name": node.cooperative.name}),
     })
     return Message(content=content, reply_to=message)
-
-
-_LEDGER_KEY = "fedgov.privacy"
-
-
-def _train_private(model: torch.nn.Module, node: _Node, context: Context, seed: int, x: np.ndarray, y: np.ndarray,
-                   round_config: Mapping[str, Any]) -> tuple[TrainResult, dict[str, float]]:
-    """DP-SGD with a ledger that survives between rounds in ``context.state``.
-
-    After ``--resume`` (a new Flower run: empty ``context.state``) the first train message
-    carries the spends the aggregator recorded in its checkpoint (``fedgov.privacy.resume``).
-    Trust assumption: the cooperative adopts that record as its past spending; it checks
-    only that each spend is a valid mechanism. Its noise multiplier, delta and budget come
-    from its own config, never from the message.
-    """
-    from .privacy.accounting import PrivacyLedger, RoundSpend, default_delta
-    from .privacy.dp_sgd import plan_round, train_private
-    from .privacy.resume import RECORDED_LEDGER_KEY, decode_spends
-    cfg = node.config
-    n = len(y)
-    if _LEDGER_KEY in context.state:
-        ledger = PrivacyLedger.from_json(str(context.state[_LEDGER_KEY]["ledger"]))
-    else:
-        ledger = PrivacyLedger(delta=cfg.privacy.delta or default_delta(n),
-                               budget=cfg.privacy.target_epsilon or math.inf)
-        recorded = round_config.get(RECORDED_LEDGER_KEY)
-        if recorded is not None:
-            ledger.spends = [RoundSpend(*spend) for spend in decode_spends(str(recorded))]
-        context.state[_LEDGER_KEY] = ConfigRecord({"ledger": ledger.to_json()})
-    # Noise and Poisson sampling from the OS's randomness unless privacy.seeded_noise (then from the seed).
-    noise_seed = seed if cfg.privacy.seeded_noise else None
-    spend = plan_round(ledger, num_examples=n, batch_size=cfg.train.batch_size, epochs=cfg.train.local_epochs,
-                       rounds=cfg.train.rounds, noise_multiplier=cfg.privacy.noise_multiplier,
-                       target_epsilon=cfg.privacy.target_epsilon)  # raises BudgetExhausted
-    result = train_private(model, x, y, spend=spend, batch_size=cfg.train.batch_size,
-                           epochs=cfg.train.local_epochs, lr=cfg.train.lr, momentum=cfg.train.momentum,
-                           max_grad_norm=cfg.privacy.max_grad_norm, grad_sample_mode=cfg.privacy.grad_sample_mode,
-                           device=node.device, seed=noise_seed)
-    ledger.record(result.spend)
-    context.state[_LEDGER_KEY] = ConfigRecord({"ledger": ledger.to_json()})
-    return result.train, {
-        "dp_epsilon": ledger.epsilon,
-        "dp_delta": ledger.delta,
-        "dp_noise_multiplier": result.spend.noise_multiplier,
-        "dp_sample_rate": result.spend.sample_rate,
-        "dp_steps": result.spend.steps,
-    }
 
 
 def _train_model(model: torch.nn.Module, node: _Node, context: Context, round_config: Mapping[str, Any]
@@ -183,7 +122,10 @@ def _train_model(model: torch.nn.Module, node: _Node, context: Context, round_co
     if cfg.strategy.name == "qfedavg":  # q-FedAvg needs the loss of the *received* model
         extra["train_loss"] = evaluate(model, x, y, device=node.device).loss
     if cfg.privacy.dp == "sample":
-        result, privacy = _train_private(model, node, context, seed, x, y, round_config)
+        from .mechanisms.dp_sgd import train_privately
+
+        result, privacy = train_privately(model, cfg=cfg, context=context, seed=seed, x=x, y=y,
+                                          round_config=round_config, device=node.device)
         extra.update(privacy)
     else:
         loader = make_loader(x, y, batch_size=cfg.train.batch_size, shuffle=True, seed=seed)
@@ -252,52 +194,13 @@ def _handle_train(message: Message, node: _Node, context: Context) -> Message:
         metrics = _train_model(model, node, context, message.content["config"])
     except _declines(node.config) as exc:
         return Message(Error(code=CODE_DECLINED, reason=str(exc)), reply_to=message)
-    if node.config.secure.aggregation == "he":
-        return _encrypted_reply(message, node, model, metrics)
+    if node.malicious and node.config.secure.aggregation == "he" and node.config.attack.size_claim != 1.0:
+        # Under HE a liar needs no false claim: its own HE mod scales the update inside the ciphertext.
+        from .mechanisms.he import SIZE_LIE_KEY
+
+        metrics[SIZE_LIE_KEY] = node.config.attack.size_claim
     content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=message)
-
-
-def _he_context(cfg: Config):  # noqa: ANN202
-    """The cooperatives' HE context: the shared secret keys, or the custodian's public context."""
-    from .crypto import PublicContext, SecretKeys
-    from .crypto.keys import COOPERATIVE_CONTEXT, COOPERATIVE_KEYS
-
-    key_dir = Path(cfg.secure.key_dir)
-    if cfg.secure.key_holder == "clients":
-        return SecretKeys.from_bytes((key_dir / COOPERATIVE_KEYS).read_bytes())
-    return PublicContext.from_bytes((key_dir / COOPERATIVE_CONTEXT).read_bytes())
-
-
-def _encrypted_reply(message: Message, node: _Node, model: torch.nn.Module, metrics: dict[str, float]) -> Message:
-    """Encrypt the weighted update (new - received weights); the FedAvg weight is applied here."""
-    from .crypto import encrypt_update
-
-    received = [a.numpy() for a in message.content["arrays"].values()]
-    trained = [t.detach().cpu().numpy() for t in model.state_dict().values()]
-    delta = [(t - r).astype(np.float64) for t, r in zip(trained, received)]
-    # The weight the aggregator assigned. A lying cooperative declares it, but scales its update
-    # inside the ciphertext by attack.size_claim: its influence grows and nobody can see it.
-    weight = float(message.content["config"]["he-weight"])
-    scale = node.config.attack.size_claim if node.malicious else 1.0
-    if scale != 1.0:
-        delta = [d * scale for d in delta]
-    from .crypto import CheckStamp
-    from .crypto.keys import load_check_key
-
-    started = time.perf_counter()
-    stamp = CheckStamp(load_check_key(node.config.secure.key_dir), int(message.content["config"]["server-round"]),
-                       node.cooperative.id)
-    update = encrypt_update(delta, context=_he_context(node.config), weight=weight, workers=1, check=stamp)
-    metrics = {**metrics, "seconds_encrypt": time.perf_counter() - started, "he_weight": weight,
-               "he_applied_weight": weight * scale}  # the latter: simulation ground truth, for measurement
-    if update.num_clipped is not None:  # compact (quantized) preset only
-        metrics["he_clipped"] = update.num_clipped
-    records = {"he-update": ArrayRecord({"ciphertext": Array(update.to_numpy())}),
-               "metrics": MetricRecord(metrics)}
-    if node.config.secure.verify:  # measurement only: lets the server compute the HE error
-        records["verify"] = ArrayRecord({str(i): Array(weight * d) for i, d in enumerate(delta)})
-    return Message(content=RecordDict(records), reply_to=message)
 
 
 def _declines(cfg: Config) -> tuple[type[Exception], ...]:
@@ -309,30 +212,6 @@ def _declines(cfg: Config) -> tuple[type[Exception], ...]:
     from .privacy.dp_sgd import BudgetExhausted
 
     return (MissedDeadline, BudgetExhausted)
-
-
-def _handle_secagg(message: Message, context: Context, config: Config | None) -> Message | None:
-    """A SecAgg+ stage (fedgov.crypto.secagg) when the run uses SecAgg+, else None.
-
-    All four stages are TRAIN messages; only ``collect_masked_vectors`` trains, with the
-    same ``_train_model`` as the plain path.
-    """
-    cfg = config if config is not None else Config.from_flat(context.run_config)
-    if cfg.secure.aggregation != "secagg+":
-        return None
-    from .crypto.secagg import is_secagg_message, secagg_train
-
-    if not is_secagg_message(message):
-        return None
-
-    def fit(arrays: list, round_config: dict[str, Any]) -> tuple[list, int, dict[str, float]]:
-        node = _Node(context, cfg)
-        model = node.model_from_arrays(arrays)
-        metrics = _train_model(model, node, context, round_config)
-        return [t.detach().cpu().numpy() for t in model.state_dict().values()], int(metrics["num-examples"]), metrics
-
-    return secagg_train(message, context, fit=fit, declined={kind: CODE_DECLINED for kind in _declines(cfg)},
-                        verify=cfg.secure.verify)
 
 
 def _handle_evaluate(message: Message, node: _Node) -> Message:
@@ -348,18 +227,6 @@ def _handle_evaluate(message: Message, node: _Node) -> Message:
         "eval_acc": result.accuracy,
     })
     return Message(content=RecordDict({"metrics": metrics}), reply_to=message)
-
-
-def clip_when_asked(message: Message, context: Context, call_next):  # noqa: ANN001, ANN201
-    """Flower's client-side clipping mod, only on train messages that carry a clipping norm.
-
-    (``privacy.dp = 'user'`` with ``privacy.clipping_side = 'client'``; the bare mod would
-    reject every other message.)
-    """
-    if message.metadata.message_type == MessageType.TRAIN and KEY_CLIPPING_NORM in message.content.get(
-            "config", {}):
-        return fixedclipping_mod(message, context, call_next)
-    return call_next(message, context)
 
 
 def report_failures(message: Message, context: Context, call_next):  # noqa: ANN001, ANN201
@@ -380,25 +247,16 @@ def report_failures(message: Message, context: Context, call_next):  # noqa: ANN
 
 def build_client_app(config: Config | None = None) -> ClientApp:
     """The ClientApp; with ``config`` it ignores ``context.run_config`` (used by fedgov.simulate)."""
-    client_app = ClientApp(mods=[report_failures, clip_when_asked])
+    # The honest cooperative, inside the client halves of the run's mechanisms (fedgov.mechanisms):
+    # encryption, masking and clipping wrap what it returns.
+    client_app = ClientApp(mods=[report_failures, mechanism_mods(config)])
 
     @client_app.query()
     def query(message: Message, context: Context) -> Message:
-        cfg = config if config is not None else Config.from_flat(context.run_config)
-        federation = build_federation(cfg.data, seed=cfg.seed)
-        if is_custodian_node(context, cfg, federation.num_cooperatives):
-            return custodian_query(message, context, cfg)
-        if REQUEST_KEY in message.content:  # key holder "clients": this cooperative decrypts the round's sum
-            from .crypto.keys import load_check_key
-
-            return answer_decrypt_request(message, context, keys=_he_context(cfg),
-                                          check_key=load_check_key(cfg.secure.key_dir))
         return _handle_query(message, _Node(context, config))
 
     @client_app.train()
     def train_(message: Message, context: Context) -> Message:
-        if (reply := _handle_secagg(message, context, config)) is not None:
-            return reply
         return _handle_train(message, _Node(context, config), context)
 
     @client_app.evaluate()

@@ -360,18 +360,8 @@ def _check_governance(cfg: Config, where: str) -> None:
     if gov.weighting in ("sqrt", "capped") and cfg.privacy.dp == "user":
         raise ConfigError(f"{where}: governance.weighting: central DP (privacy.dp = 'user') is calibrated to an "
                           f"unweighted mean; use 'equal' (or 'samples', which it turns into 'equal')")
-    attack = cfg.attack
-    if attack.cooperatives:
-        from .attacks import AttackError, select_attackers
-
-        num = cfg.data.num_cooperatives if cfg.data.partition != "natural" else 10_000
-        try:
-            select_attackers(num, fraction=attack.fraction, cooperatives=attack.cooperatives, seed=cfg.seed)
-        except AttackError as exc:
-            raise ConfigError(f"{where}: {exc}") from None
+    # attack.cooperatives is checked against the federation's size once the data is known (fedgov.preflight).
     if cfg.heterogeneity.compute == "tiers":
-        from .heterogeneity import parse_tiers
-
         try:
             parse_tiers(cfg.heterogeneity.tiers)
         except ValueError:
@@ -392,6 +382,14 @@ def _check_secagg(cfg: Config, where: str) -> None:
         problem = secagg_cohort_problem(secure, cohort)
         if problem:
             raise ConfigError(f"{where}: {problem}")
+
+
+def parse_tiers(text: str) -> list[float]:
+    """``"1.0,0.3,0.1"`` -> the tier speeds; ValueError unless all are positive numbers."""
+    speeds = [float(t) for t in text.split(",")]
+    if min(speeds) <= 0:
+        raise ValueError(f"{text!r}: speeds must be positive")
+    return speeds
 
 
 def cohort_size(fraction: float, population: int) -> int:

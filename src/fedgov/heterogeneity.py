@@ -14,21 +14,13 @@ import math
 
 import numpy as np
 
-from .config import HeterogeneityConfig
+from .config import HeterogeneityConfig, parse_tiers
 
 __all__ = ["MissedDeadline", "compute_speeds", "local_steps", "misses_deadline", "parse_tiers", "simulated_seconds"]
 
 
 class MissedDeadline(RuntimeError):
     """A cooperative too slow for the round deadline sits the round out."""
-
-
-def parse_tiers(text: str) -> list[float]:
-    """``"1.0,0.3,0.1"`` -> the tier speeds; ValueError unless all are positive numbers."""
-    speeds = [float(t) for t in text.split(",")]
-    if min(speeds) <= 0:
-        raise ValueError(f"{text!r}: speeds must be positive")
-    return speeds
 
 
 def compute_speeds(cfg: HeterogeneityConfig, num_cooperatives: int, *, seed: int) -> np.ndarray:

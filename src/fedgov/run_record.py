@@ -77,29 +77,19 @@ class Checkpoint:
 
 
 def mechanism(cfg: Config) -> dict[str, Any]:
-    """How updates were protected and combined: the audit log's answer to "under which rules"."""
+    """How updates were protected and combined: the audit log's answer to "under which rules".
+
+    The common fields, then each active mechanism's own (``fedgov.mechanisms``): the HE preset
+    and key holder, where DP noise comes from, and ``reveals_updates`` for ``secure.verify``
+    runs, in which every cooperative also sends its plaintext update.
+    """
+    from .mechanisms import audit_fields
+
     return {"strategy": cfg.strategy.name, "weighting": cfg.governance.weighting,
-            "secure_aggregation": cfg.secure.aggregation,
-            "he_preset": cfg.secure.preset if cfg.secure.aggregation == "he" else None,
-            "dp": cfg.privacy.dp, "dp_noise": _dp_noise(cfg),
+            "secure_aggregation": cfg.secure.aggregation, "he_preset": None, "dp": cfg.privacy.dp, "dp_noise": None,
             "clip_update_norm": cfg.governance.clip_update_norm or None,
-            "max_update_norm": cfg.governance.max_update_norm or None,
-            # secure.verify: every cooperative also sends its plaintext update, so nothing is hidden.
-            "reveals_updates": reveals_updates(cfg)}
-
-
-def reveals_updates(cfg: Config) -> bool:
-    """A secure-aggregation run with secure.verify, which hands the aggregator every plaintext update."""
-    return cfg.secure.aggregation != "off" and cfg.secure.verify
-
-
-def _dp_noise(cfg: Config) -> str | None:
-    """Where DP-SGD's noise comes from: the OS's randomness, or (privacy.seeded_noise) the config."""
-    from .privacy import OS_NOISE, SEEDED_NOISE
-
-    if cfg.privacy.dp != "sample":
-        return None
-    return SEEDED_NOISE if cfg.privacy.seeded_noise else OS_NOISE
+            "max_update_norm": cfg.governance.max_update_norm or None, "reveals_updates": False,
+            **audit_fields(cfg)}
 
 
 class RunRecord:
@@ -308,20 +298,10 @@ class RunRecord:
 
             summary["audit"] = {"log": LOG_NAME, "public_key": self.audit.public_key_hex,
                                 "public_key_file": PUBLIC_KEY_NAME, "records": self.audit.seq + 1}
-        if cfg.secure.aggregation == "secagg+":
-            from .crypto.secagg import summary_block
+        from .mechanisms import active
 
-            summary["secure_aggregation"] = summary_block(cfg, self.rows, num_parameters=self.num_parameters)
-        elif cfg.secure.aggregation == "he":
-            he_rows = [r["he"] for r in self.rows if r.get("he", {}).get("bytes_per_param")]
-            errors = [h["max_abs_error"] for h in he_rows if "max_abs_error" in h]
-            summary["secure_aggregation"] = {
-                "scheme": "he", "preset": cfg.secure.preset, "key_holder": cfg.secure.key_holder,
-                "bytes_per_param": max((h["bytes_per_param"] for h in he_rows), default=None),
-                "max_abs_error": max(errors) if errors else None,
-            }
-        if reveals_updates(cfg):
-            summary["secure_aggregation"]["reveals_updates"] = True
+        for m in active(cfg):  # each mechanism's own blocks (secure_aggregation, ...)
+            summary.update(m.summary(self.rows, num_parameters=self.num_parameters))
         return summary
 
     def _influence_block(self) -> dict[str, Any]:
@@ -383,6 +363,8 @@ class RunRecord:
         return {}
 
     def _privacy_block(self, cooperatives: list[dict[str, Any]]) -> dict[str, Any]:
+        from .mechanisms.dp_sgd import noise_source
+
         p = self.cfg.privacy
         block: dict[str, Any] = {"mechanism": p.dp}
         if p.dp == "sample":
@@ -398,7 +380,7 @@ class RunRecord:
                 "max_grad_norm": p.max_grad_norm,
                 "grad_sample_mode": p.grad_sample_mode,
                 "seeded_noise": p.seeded_noise,
-                "noise": _dp_noise(self.cfg),
+                "noise": noise_source(self.cfg),
             })
             if self.resumed_from is not None:  # the ledgers before the crash came from the checkpoint
                 block["resumed_ledger"] = ("each cooperative adopted the spends the aggregator recorded in its "

@@ -1,9 +1,11 @@
 """Flower ServerApp: reads the config, builds a strategy and calls ``strategy.start``.
 
 The round loop is Flower's. fedgov adds a discovery query (which node holds which
-cooperative), a seeded cohort sampler and a recorder around the strategy
-(``fedgov.strategies.RoundRecorder``), a central evaluation on the server-held
-global test set, and the run directory (``fedgov.run_record``).
+cooperative, and which is the custodian), the server halves of the run's mechanisms
+(``fedgov.mechanisms``: each wraps the grid and the strategy), a seeded cohort sampler and a
+recorder around them (``fedgov.strategies.RoundRecorder``), one traffic meter for every
+message (``fedgov.traffic``), a central evaluation on the server-held global test set, and
+the run directory (``fedgov.run_record``).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from .governance.archive import UpdateArchive
 from .models import build_model, count_parameters
 from .results import atomic_write_bytes, new_run_dir
 from .run_record import Checkpoint, RunRecord, mechanism
-from .strategies import CohortSampler, RoundRecorder, build_strategy, govern
+from .mechanisms import ServerSide, active
+from .strategies import CohortSampler, RoundRecorder, build_strategy
 from .task import evaluate, resolve_device
 
 __all__ = ["app", "build_server_app", "run_federation", "FederationError"]
@@ -127,11 +130,6 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, *,
     if checkpoint is not None:
         record.restore(checkpoint)
         initial_arrays = checkpoint.arrays
-        if checkpoint.ledgers:  # DP-SGD: each cooperative continues the spends recorded with the checkpoint
-            from .privacy.resume import LedgerHandover
-
-            grid = LedgerHandover(grid, {node: checkpoint.ledgers[coop] for node, coop in node_to_coop.items()
-                                         if coop in checkpoint.ledgers})
     else:
         initial_arrays = ArrayRecord(model.state_dict())
     done = record.rounds_done
@@ -140,23 +138,17 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, *,
             record.finish(wall_seconds=time.perf_counter() - wall_start, arrays=initial_arrays)
         return record
 
-    archive = UpdateArchive(run_dir) if cfg.governance.retain_updates else None
+    # The run's mechanisms (fedgov.mechanisms), privacy first: each wraps the grid and the strategy.
+    side = ServerSide(cfg=cfg, node_to_cooperative=node_to_coop, cooperatives=coop_stats,
+                      custodian_node=custodian_node, checkpoint=checkpoint,
+                      archive=UpdateArchive(run_dir) if cfg.governance.retain_updates else None)
+    mechanisms = active(cfg)
     strategy = build_strategy(cfg)
-    he = governed = None
-    if cfg.secure.aggregation == "off":
-        governed = strategy = govern(strategy, cfg, node_to_cooperative=node_to_coop, archive=archive)
-    elif cfg.secure.aggregation == "he":
-        from .crypto.keys import AGGREGATOR_CONTEXT
-        from .strategies.secure_he import HESecureAggregation
-
-        key_dir = Path(cfg.secure.key_dir)
-        if not (key_dir / AGGREGATOR_CONTEXT).is_file():
-            raise FederationError(f"secure.key_dir: no provisioned HE keys in {key_dir!s} "
-                                  f"(python -m fedgov.crypto.keys DIR --preset {cfg.secure.preset})")
-        he = strategy = HESecureAggregation(
-            strategy, key_dir=key_dir, custodian_node=custodian_node, node_to_cooperative=node_to_coop,
-            examples={c: s["num_train"] for c, s in coop_stats.items()}, verify=cfg.secure.verify,
-            policy=cfg.governance.weighting, cap=cfg.governance.cap, archive=archive)
+    wrapped = []
+    for mechanism in mechanisms:
+        grid = mechanism.wrap_grid(grid, side)
+        strategy = mechanism.wrap_strategy(strategy, side)
+        wrapped.append((mechanism, strategy))
     recorder = RoundRecorder(strategy, node_to_cooperative=node_to_coop,
                              sampler=CohortSampler(seed=cfg.seed, fraction=cfg.strategy.fraction_train),
                              round_offset=done, meter=meter)
@@ -171,10 +163,8 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, *,
     def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         accuracy, loss = global_metrics(arrays)
         if server_round > 0:  # Flower's round 0 is the starting model
-            if he is not None:
-                _note_he_round(recorder.current, he.last)
-            if governed is not None:
-                _note_governance(recorder.current, governed.last)
+            for mechanism, wrapper in reversed(wrapped):
+                mechanism.note_round(recorder.current, wrapper)
             latest["arrays"] = arrays
             row = record.add_round(recorder.current, accuracy=accuracy, loss=loss, arrays=arrays)
             record.save_checkpoint(arrays)
@@ -182,12 +172,11 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, *,
                 on_round(row)
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
-    if cfg.secure.aggregation == "secagg+":  # Flower's SecAgg+ lives on its legacy stack: fedgov.crypto.secagg
-        from .crypto.secagg import run_secagg_rounds
-
-        latest["arrays"] = run_secagg_rounds(grid, cfg, initial_arrays=initial_arrays, node_to_cooperative=node_to_coop,
-                          sampler=recorder.sampler, record=record, evaluate_fn=global_metrics,
-                          round_offset=done, on_round=on_round)
+    driver = next((m for m in mechanisms if m.run_rounds is not None), None)
+    if driver is not None:  # SecAgg+ lives on Flower's legacy stack, with a round loop of its own
+        latest["arrays"] = driver.run_rounds(grid, cfg, initial_arrays=initial_arrays, node_to_cooperative=node_to_coop,
+                                             sampler=recorder.sampler, record=record, evaluate_fn=global_metrics,
+                                             round_offset=done, on_round=on_round)
     else:
         recorder.start(grid, initial_arrays, num_rounds=cfg.train.rounds - done,
                        evaluate_fn=central_evaluate)
@@ -286,30 +275,6 @@ def _attack_probe(cfg: Config, federation: Any, model: torch.nn.Module, device: 
             num_classes=federation.num_classes, device=device)}
 
     return probe
-
-
-def _note_governance(log: Any, measured: dict[str, Any]) -> None:
-    """Put what the governance wrapper saw into the round log (rejections, weights, digests)."""
-    log.failures.extend(measured.get("rejected", []))
-    log.weights = dict(measured.get("weights", {}))
-    log.update_digests = dict(measured.get("digests", {}))
-    if measured.get("clipped"):
-        log.extra["clipped_updates"] = list(measured["clipped"])
-
-
-def _note_he_round(log: Any, measured: dict[str, Any]) -> None:
-    """Put what the HE aggregator measured into the round log (phases, bytes, rejected updates)."""
-    _note_governance(log, measured)
-    declared = sum(log.weights.values())
-    if declared > 0:  # what the clients applied inside their ciphertexts, as shares of the declared total
-        log.applied_weights = {c: float(m["he_applied_weight"]) / declared for c, m in log.client_train.items()
-                               if "he_applied_weight" in m and c in log.weights}
-    log.extra_phase_seconds.update({
-        "encrypt_max": max((m.get("seconds_encrypt", 0.0) for m in log.client_train.values()), default=0.0),
-        "he_aggregate": measured.get("seconds_he_aggregate", 0.0),
-        "decrypt": measured.get("seconds_decrypt", 0.0),
-    })
-    log.extra["he"] = {k: v for k, v in measured.items() if k not in ("rejected", "digests", "weights")}
 
 
 def build_server_app(config: Config | None = None, run_dir: Path | None = None,

@@ -10,7 +10,8 @@ from opacus.accountants import RDPAccountant
 from fedgov.config import Config
 from fedgov.data import build_federation
 from fedgov.models import build_model
-from fedgov.privacy import BudgetExhausted, PrivacyLedger, RoundSpend, default_delta, epsilon_of
+from fedgov.privacy.accounting import PrivacyLedger, RoundSpend, default_delta, epsilon_of
+from fedgov.privacy.dp_sgd import BudgetExhausted
 from fedgov.privacy.dp_sgd import plan_round, train_private
 
 

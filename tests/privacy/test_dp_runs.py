@@ -4,7 +4,7 @@
 import pytest
 
 from conftest import run_dir_of, run_simulate
-from fedgov.privacy import RoundSpend, epsilon_of
+from fedgov.privacy.accounting import RoundSpend, epsilon_of
 from fedgov.results import read_json, read_jsonl
 
 SMALL = ["--set", "data.num_cooperatives=4", "--set", "data.partition=iid"]

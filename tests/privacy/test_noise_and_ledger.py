@@ -7,11 +7,12 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedgov.client_app import _Node, _train_private
+from fedgov.client_app import _Node
+from fedgov.mechanisms.dp_sgd import train_privately
 from fedgov.config import Config
 from fedgov.data import build_federation
 from fedgov.models import build_model
-from fedgov.privacy import PrivacyLedger, RoundSpend, default_delta, epsilon_of
+from fedgov.privacy.accounting import PrivacyLedger, RoundSpend, default_delta, epsilon_of
 from fedgov.privacy.dp_sgd import plan_round, train_private
 from fedgov.privacy.resume import RECORDED_LEDGER_KEY, LedgerHandover, decode_spends, encode_spends, recorded_spends
 from fedgov.run_record import Checkpoint, RunRecord
@@ -177,7 +178,8 @@ def _private_round(cfg, context, round_config):
     fed = node.federation
     model = build_model("mlp", input_shape=fed.input_shape, num_classes=fed.num_classes, seed=0)
     x, y = node.cooperative.train.x, node.cooperative.train.y
-    _, metrics = _train_private(model, node, context, 1, x, y, round_config)
+    _, metrics = train_privately(model, cfg=node.config, context=context, seed=1, x=x, y=y,
+                                 round_config=round_config, device=node.device)
     return metrics
 
 

@@ -3,31 +3,11 @@
 ``weighting`` turns cooperatives' claimed sizes into aggregation weights under a policy
 (FedAvg, equal, sqrt, capped) and measures how concentrated they are; ``escrow`` seals
 the HE secret key so that only a threshold of an oversight board can open it. Neither
-imports Flower. pycryptodome is imported only when an escrow name is first used.
+imports Flower.
 """
 
-from importlib import import_module
-from typing import Any
+from .escrow import BoardShare, EscrowError, open_escrow, read_share, seal, write_escrow, write_shares
+from .weighting import INFLUENCE_KEYS, WEIGHTING_POLICIES, influence, mean_influence, policy_weights
 
-_LAZY = {
-    "WEIGHTING_POLICIES": "weighting",
-    "INFLUENCE_KEYS": "weighting",
-    "policy_weights": "weighting",
-    "influence": "weighting",
-    "mean_influence": "weighting",
-    "EscrowError": "escrow",
-    "BoardShare": "escrow",
-    "seal": "escrow",
-    "write_escrow": "escrow",
-    "write_shares": "escrow",
-    "read_share": "escrow",
-    "open_escrow": "escrow",
-}
-
-__all__ = list(_LAZY)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(import_module(f"{__name__}.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = ["WEIGHTING_POLICIES", "INFLUENCE_KEYS", "policy_weights", "influence", "mean_influence", "EscrowError",
+           "BoardShare", "seal", "write_escrow", "write_shares", "read_share", "open_escrow"]

@@ -50,13 +50,8 @@ def cohort_size(cfg: Config) -> int:
 
 
 def build_strategy(cfg: Config) -> flwr_strategy.Strategy:
-    """The Flower strategy named by ``strategy.name``, wrapped in Flower's DP wrapper for ``privacy.dp = 'user'``."""
-    strategy = STRATEGIES[cfg.strategy.name](cfg)
-    if cfg.privacy.dp == "user":
-        from ..privacy.central import central_dp
-
-        strategy = central_dp(cfg, cohort_size=cohort_size(cfg)).wrap(strategy)
-    return strategy
+    """The Flower strategy named by ``strategy.name`` (fedgov.mechanisms wrap it: DP, governance, HE)."""
+    return STRATEGIES[cfg.strategy.name](cfg)
 
 
 def govern(strategy: flwr_strategy.Strategy, cfg: Config, *, node_to_cooperative: dict[int, int],
