@@ -1,6 +1,7 @@
 import csv
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fedgov import experiment as ex
-from fedgov.config import Config
+from fedgov.config import Config, load_config
 from fedgov.experiment import (
     ExperimentError,
     confidence_interval,
@@ -64,19 +65,37 @@ def test_t_quantile_known_values(df, expected):
     assert student_t_quantile(0.025, df) == pytest.approx(-expected, abs=1e-4)
 
 
-def test_t_quantile_matches_scipy_when_available():
-    stats = pytest.importorskip("scipy.stats")
-    for q in (0.6, 0.9, 0.95, 0.975, 0.995):
-        for df in (1, 2, 4, 7.5, 29, 200):
-            assert student_t_quantile(q, df) == pytest.approx(stats.t.ppf(q, df), rel=1e-8)
-
-
 def test_confidence_interval_of_one_two_three():
     ci = confidence_interval([1.0, 2.0, 3.0])
     half = 4.302652729749464 * 1.0 / math.sqrt(3)  # t(0.975, 2) * s / sqrt(n), s = 1
     assert ci.n == 3 and ci.mean == pytest.approx(2.0) and ci.std == pytest.approx(1.0)
     assert ci.low == pytest.approx(2.0 - half, abs=1e-9)
     assert ci.high == pytest.approx(2.0 + half, abs=1e-9)
+
+
+def test_confidence_interval_pins_a_known_value():
+    # 10, 12, 17: mean 13, s^2 = (9 + 1 + 16) / 2 = 13; t(0.975, 2) = 4.302652729749464 (tables: 4.3027)
+    ci = confidence_interval([10.0, 12.0, 17.0])
+    assert (ci.n, ci.mean, ci.std) == (3, 13.0, pytest.approx(math.sqrt(13)))
+    assert ci.low == pytest.approx(13.0 - 8.956685895029603, abs=1e-9)
+    assert ci.high == pytest.approx(13.0 + 8.956685895029603, abs=1e-9)
+    assert ci.half_width == pytest.approx(8.956685895029603, abs=1e-9)
+    # 90%: t(0.95, 2) = 2.919985580355516 (tables: 2.9200)
+    assert confidence_interval([10.0, 12.0, 17.0], level=0.90).half_width == pytest.approx(
+        2.919985580355516 * math.sqrt(13) / math.sqrt(3), abs=1e-9)
+
+
+def test_the_t_distribution_comes_from_scipy(monkeypatch):
+    import scipy.stats
+
+    monkeypatch.setattr(scipy.stats.t, "ppf", lambda q, df: 100.0 * q + df)
+    assert student_t_quantile(0.975, 2) == pytest.approx(99.5)
+    assert confidence_interval([1.0, 2.0, 3.0]).high == pytest.approx(2.0 + 99.5 / math.sqrt(3))
+    monkeypatch.undo()
+    with pytest.raises(ValueError):
+        student_t_quantile(1.0, 3)
+    with pytest.raises(ValueError):
+        student_t_quantile(0.5, 0)
 
 
 def test_confidence_interval_edge_cases():
@@ -174,7 +193,7 @@ def test_variants_times_grid_and_their_runs(tmp_path):
     rows = read_csv(out / "results.csv")
     assert [(r["variant"], r["data.alpha"]) for r in rows][:3] == [("none", "0.5"), ("none", "100.0"),
                                                                    ("dp-eps3", "0.5")]
-    ran = [ex.load_config(Path(c[c.index("--config") + 1])) for c in fake.commands]
+    ran = [load_config(Path(c[c.index("--config") + 1])) for c in fake.commands]
     assert sorted((c.privacy.dp, c.secure.aggregation) for c in ran) == sorted(
         [("off", "off")] * 2 + [("sample", "off")] * 2 + [("off", "he")] * 2)
     assert json.loads((out / "experiment.json").read_text())["variants"]["he"] == {"secure.aggregation": "he"}
@@ -243,42 +262,72 @@ def test_cli_unknown_grid_key_exits_2_without_traceback(tmp_path):
 
 # ---- running, with a fake simulate (no Flower) -------------------------------------------------
 
-class FakeSimulate:
-    """Stands in for ``python -m fedgov.simulate``: writes a summary.json and prints the run dir."""
+# The code the tests pretend is running (fedgov.experiment.sweep.code_version is patched to it, so
+# edits to the sources while the tests run change nothing), and a different one.
+CODE = {"git_commit": "a" * 40, "git_dirty": False, "fedgov_version": "0.1.0", "source_hash": "1" * 64}
+OTHER_CODE = {"git_commit": "b" * 40, "git_dirty": False, "fedgov_version": "0.1.0", "source_hash": "2" * 64}
+GIT_COMMIT = re.compile(r'"git_commit": "([0-9a-f]{40})"')  # what the before-stop check greps
 
-    def __init__(self, *, fail_alpha: float | None = None) -> None:
+
+@pytest.fixture(autouse=True)
+def current_code(monkeypatch):
+    monkeypatch.setattr("fedgov.experiment.sweep.code_version", lambda: dict(CODE))
+    return CODE
+
+
+class FakeSimulate:
+    """Stands in for ``python -m fedgov.simulate``: writes a summary.json and prints the run dir.
+
+    ``code``: what the summary records as the code that made it (None: no ``code`` key);
+    ``interrupt_alpha``: for that alpha, leave a checkpoint and no summary, as an interrupted run.
+    """
+
+    def __init__(self, *, fail_alpha: float | None = None, interrupt_alpha: float | None = None,
+                 code: dict | None = CODE) -> None:
         self.commands: list[list[str]] = []
         self.fail_alpha = fail_alpha
+        self.interrupt_alpha = interrupt_alpha
+        self.code = code
 
     def __call__(self, command: list[str]) -> tuple[int, str, str]:
         self.commands.append(command)
         if "--resume" in command:
             run_dir = Path(command[command.index("--resume") + 1])
-            cfg = ex.load_config(run_dir / "config.toml")
+            cfg = load_config(run_dir / "config.toml")
         else:
-            cfg = ex.load_config(Path(command[command.index("--config") + 1]))
-            run_dir = Path(command[command.index("--out") + 1]) / f"20990101-000000-{cfg.hash()[:8]}"
+            cfg = load_config(Path(command[command.index("--config") + 1]))
+            out = Path(command[command.index("--out") + 1])
+            run_dir = out / f"20990101-{len(list(out.glob('2099*'))):06d}-{cfg.hash()[:8]}"  # newer each time
             run_dir.mkdir(parents=True)
             (run_dir / "config.toml").write_text(cfg.to_toml())
         if cfg.data.alpha == self.fail_alpha:
             return 1, "", "Ray started\nTraceback (most recent call last):\nValueError: boom\n"
+        if cfg.data.alpha == self.interrupt_alpha:
+            (run_dir / "checkpoint.npz").write_bytes(b"")
+            return 130, "", f"interrupted; resume with: python -m fedgov.simulate --resume {run_dir}\n"
         acc = 0.5 + 0.1 * cfg.seed + cfg.data.alpha / 1000
         summary = {"config_hash": cfg.hash(), "seed": cfg.seed, "final_accuracy": acc,
                    "fairness": {"worst": acc - 0.2},
                    "attack": {"success_rate_by_round": [0.1 * cfg.seed, 0.2 * cfg.seed, None]}}
+        if self.code is not None:
+            summary["code"] = self.code
         (run_dir / "summary.json").write_text(json.dumps(summary))
         return 0, f"a table\n{run_dir}\n", ""
 
 
 def premade_run(job: ex.Job, *, accuracy: float, config: Config | None = None,
-                summary: bool = True) -> Path:
+                summary: bool = True, code: dict | None = CODE, name: str = "20000101-000000") -> Path:
+    """A finished run (or, without ``summary``, an interrupted one) as an earlier invocation left it;
+    ``code=None``: a summary from before fedgov recorded the code."""
     cfg = config or job.config
-    run_dir = job.seed_dir / f"20000101-000000-{cfg.hash()[:8]}"
+    run_dir = job.seed_dir / f"{name}-{cfg.hash()[:8]}"
     run_dir.mkdir(parents=True)
     (run_dir / "config.toml").write_text(cfg.to_toml())
     if summary:
-        (run_dir / "summary.json").write_text(json.dumps(
-            {"config_hash": cfg.hash(), "final_accuracy": accuracy, "fairness": {"worst": accuracy}}))
+        made = {"config_hash": cfg.hash(), "final_accuracy": accuracy, "fairness": {"worst": accuracy}}
+        if code is not None:
+            made["code"] = code
+        (run_dir / "summary.json").write_text(json.dumps(made))
     else:
         (run_dir / "checkpoint.npz").write_bytes(b"")
     return run_dir
@@ -357,6 +406,97 @@ def test_resume_skips_runs_whose_summary_exists(tmp_path):
     assert "fedgov.simulate" in recorded["data.alpha=100.0"]["command"]  # carried over from the run that made it
 
 
+def distinct_commits(path: Path) -> set[str]:
+    return set(GIT_COMMIT.findall(path.read_text()))
+
+
+def test_a_run_made_by_other_code_is_run_again(tmp_path):
+    exp = load_experiment(write_experiment(tmp_path, TINY))
+    out = tmp_path / "out"
+    jobs = ex.build_jobs(exp, out, seeds=exp.seeds)
+    old = premade_run(jobs[0], accuracy=0.123, code=OTHER_CODE)
+    premade_run(jobs[1], accuracy=0.456, code=None)  # from before summaries recorded the code
+    fake = FakeSimulate()
+    results = run_experiment(exp, out=out, runner=fake)
+    assert len(fake.commands) == 2  # both are run again
+    assert all(r.status == "ok" and not r.stale and r.replaced_stale for r in results)
+    runs = {r["point"]: r for r in read_csv(out / "runs.csv")}
+    assert runs["data.alpha=0.5"]["run_dir"] != str(old.relative_to(out))
+    assert float(runs["data.alpha=0.5"]["final_accuracy"]) != 0.123
+    assert {r["stale"] for r in runs.values()} == {"false"} and {r["made_by"] for r in runs.values()} == {""}
+    assert {r["stale"] for r in read_csv(out / "results.csv")} == {"0"}
+    meta = json.loads((out / "experiment.json").read_text())
+    assert meta["code"] == CODE and meta["stale_runs"] == 0 and not meta["reuse_stale"]
+    assert distinct_commits(out / "experiment.json") == {CODE["git_commit"]}  # one code version named
+    # And now that the same code made them, a second invocation keeps them all.
+    again = FakeSimulate()
+    run_experiment(exp, out=out, runner=again)
+    assert again.commands == []
+
+
+def test_the_same_sources_are_the_same_code_whatever_the_commit(tmp_path):
+    # A run made from a dirty tree whose sources were then committed unchanged, or before a commit
+    # that changed only results or docs: same source hash, so the same code, and kept.
+    exp = load_experiment(write_experiment(tmp_path, TINY))
+    out = tmp_path / "out"
+    jobs = ex.build_jobs(exp, out, seeds=exp.seeds)
+    earlier = {**CODE, "git_commit": "c" * 40, "git_dirty": True}
+    for job in jobs:
+        premade_run(job, accuracy=0.3, code=earlier)
+    fake = FakeSimulate()
+    results = run_experiment(exp, out=out, runner=fake)
+    assert fake.commands == [] and all(r.status == "done" and not r.stale for r in results)
+    assert distinct_commits(out / "experiment.json") == {CODE["git_commit"]}  # the runs' own is not repeated
+
+
+def test_reuse_stale_keeps_other_codes_runs_and_marks_them(tmp_path, monkeypatch, capsys):
+    path = write_experiment(tmp_path, TINY.replace("seeds = [0]", "seeds = [0, 1]"))
+    exp = load_experiment(path)
+    out = tmp_path / "out"
+    jobs = {(j.point.id, j.seed): j for j in ex.build_jobs(exp, out, seeds=exp.seeds)}
+    premade_run(jobs["data.alpha=0.5", 0], accuracy=0.123, code=OTHER_CODE)
+    premade_run(jobs["data.alpha=0.5", 1], accuracy=0.2, code=CODE)
+    premade_run(jobs["data.alpha=100.0", 0], accuracy=0.4, code=None)
+    fake = FakeSimulate()
+    monkeypatch.setattr("fedgov.experiment.runner.subprocess_runner", fake)
+    assert ex.main([str(path), "--out", str(out), "--reuse-stale"]) == 0
+    assert len(fake.commands) == 1  # only (alpha 100, seed 1) had no finished run at all
+    err = capsys.readouterr().err
+    assert "kept STALE" in err and "2 of 4 runs were made by other code" in err
+    runs = {(r["point"], r["seed"]): r for r in read_csv(out / "runs.csv")}
+    assert runs["data.alpha=0.5", "0"]["stale"] == "true"
+    assert runs["data.alpha=0.5", "0"]["made_by"] == f"git {'b' * 12}, source {'2' * 12}"
+    assert float(runs["data.alpha=0.5", "0"]["final_accuracy"]) == 0.123  # kept, not rerun
+    assert runs["data.alpha=100.0", "0"]["stale"] == "true"
+    assert runs["data.alpha=100.0", "0"]["made_by"] == "unknown (not recorded)"
+    assert runs["data.alpha=0.5", "1"]["stale"] == runs["data.alpha=100.0", "1"]["stale"] == "false"
+    rows = {r["point"]: r for r in read_csv(out / "results.csv")}
+    assert rows["data.alpha=0.5"]["stale"] == "1" and rows["data.alpha=100.0"]["stale"] == "1"
+    assert "1 of 2 runs made by other code" in rows["data.alpha=0.5"]["note"]
+    meta = json.loads((out / "experiment.json").read_text())
+    assert meta["reuse_stale"] and meta["stale_runs"] == 2 and meta["code"] == CODE
+    recorded = {(r["point"], r["seed"]): r for r in meta["runs"]}
+    assert recorded["data.alpha=0.5", 0]["stale"] is True and recorded["data.alpha=0.5", 0]["code"] == OTHER_CODE
+    assert recorded["data.alpha=100.0", 0]["stale"] is True and recorded["data.alpha=100.0", 0]["code"] is None
+    assert recorded["data.alpha=0.5", 1]["stale"] is False and "code" not in recorded["data.alpha=0.5", 1]
+    assert distinct_commits(out / "experiment.json") == {CODE["git_commit"], OTHER_CODE["git_commit"]}
+    # Without --reuse-stale the stale runs are run again, and the folder names one code again.
+    again = FakeSimulate()
+    monkeypatch.setattr("fedgov.experiment.runner.subprocess_runner", again)
+    assert ex.main([str(path), "--out", str(out)]) == 0
+    assert len(again.commands) == 2
+    assert json.loads((out / "experiment.json").read_text())["stale_runs"] == 0
+    assert distinct_commits(out / "experiment.json") == {CODE["git_commit"]}
+
+
+def test_a_run_whose_sources_changed_during_the_sweep_is_marked_stale(tmp_path):
+    exp = load_experiment(write_experiment(tmp_path, TINY))
+    out = tmp_path / "out"
+    results = run_experiment(exp, out=out, runner=FakeSimulate(code=OTHER_CODE))
+    assert all(r.status == "ok" and r.stale for r in results)
+    assert {r["stale"] for r in read_csv(out / "results.csv")} == {"1"}
+
+
 def test_a_run_from_before_a_config_key_was_added_still_counts(tmp_path):
     exp = load_experiment(write_experiment(tmp_path, TINY))
     out = tmp_path / "out"
@@ -373,18 +513,55 @@ def test_a_run_from_before_a_config_key_was_added_still_counts(tmp_path):
 def test_interrupted_run_is_continued_from_its_checkpoint(tmp_path):
     exp = load_experiment(write_experiment(tmp_path, TINY))
     out = tmp_path / "out"
-    jobs = ex.build_jobs(exp, out, seeds=exp.seeds)
-    partial = premade_run(jobs[0], accuracy=0.0, summary=False)
+    first = FakeSimulate(interrupt_alpha=0.5)
+    run_experiment(exp, out=out, runner=first)
+    partial = next((out / "points" / "data.alpha=0.5" / "seed-0").glob("2099*"))
+    assert (partial / "checkpoint.npz").is_file() and not (partial / "summary.json").exists()
     fake = FakeSimulate()
     run_experiment(exp, out=out, runner=fake)
     resumed = [c for c in fake.commands if "--resume" in c]
     assert len(resumed) == 1 and resumed[0][resumed[0].index("--resume") + 1] == str(partial)
+    assert len(fake.commands) == 1  # the other point finished the first time
+
+
+def test_a_checkpoint_left_by_other_code_is_not_continued(tmp_path, monkeypatch):
+    exp = load_experiment(write_experiment(tmp_path, TINY))
+    out = tmp_path / "out"
+    run_experiment(exp, out=out, runner=FakeSimulate(interrupt_alpha=0.5))
+    seed_dir = out / "points" / "data.alpha=0.5" / "seed-0"
+    partial = next(seed_dir.glob("2099*"))
+    # The sources changed since: continuing would make one run of two codes. It starts afresh.
+    monkeypatch.setattr("fedgov.experiment.sweep.code_version", lambda: dict(OTHER_CODE))
+    fake = FakeSimulate(code=OTHER_CODE)
+    results = run_experiment(exp, out=out, runner=fake)
+    assert not any("--resume" in c for c in fake.commands)
+    redone = {r.job.point.id: r for r in results}["data.alpha=0.5"]
+    assert redone.status == "ok" and redone.run_dir != partial and not redone.stale
+    # A checkpoint from before fedgov wrote launch.json (no record of its code) is not continued either.
+    (seed_dir / "launch.json").unlink()
+    for run_dir in seed_dir.glob("2099*"):
+        (run_dir / "summary.json").unlink(missing_ok=True)
+        (run_dir / "checkpoint.npz").write_bytes(b"")
+    fake = FakeSimulate(code=OTHER_CODE)
+    run_experiment(exp, out=out, runner=fake)
+    assert [c for c in fake.commands if "--resume" in c] == [] and len(fake.commands) == 1
+
+
+def test_an_older_checkpoint_is_not_continued_after_a_later_launch(tmp_path):
+    exp = load_experiment(write_experiment(tmp_path, TINY))
+    out = tmp_path / "out"
+    jobs = ex.build_jobs(exp, out, seeds=exp.seeds)
+    old = premade_run(jobs[0], accuracy=0.0, summary=False)  # made before the launch below
+    (jobs[0].seed_dir / "launch.json").write_text(json.dumps(
+        {"code": CODE, "run_dirs_before": [old.name]}))  # that launch made no run directory
+    assert ex.find_resumable(jobs[0].seed_dir, jobs[0].config.hash(), code=CODE) is None
+    assert ex.find_resumable(jobs[0].seed_dir, jobs[0].config.hash()) == old  # without a code check
 
 
 def test_failed_run_is_recorded_and_the_rest_goes_on(tmp_path, monkeypatch, capsys):
     path = write_experiment(tmp_path, TINY)
     out = tmp_path / "out"
-    monkeypatch.setattr(ex, "subprocess_runner", FakeSimulate(fail_alpha=0.5))
+    monkeypatch.setattr("fedgov.experiment.runner.subprocess_runner", FakeSimulate(fail_alpha=0.5))
     code = ex.main([str(path), "--out", str(out)])
     assert code == 1
     captured = capsys.readouterr()
@@ -408,10 +585,10 @@ def test_quick_shrinks_runs_and_uses_one_seed(tmp_path, monkeypatch, capsys):
     body = body.replace('"data.num_cooperatives" = 3', '"data.num_cooperatives" = 8')
     path = write_experiment(tmp_path, body)
     fake = FakeSimulate()
-    monkeypatch.setattr(ex, "subprocess_runner", fake)
+    monkeypatch.setattr("fedgov.experiment.runner.subprocess_runner", fake)
     assert ex.main([str(path), "--quick"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(tmp_path / "results" / "tiny-quick")
-    configs = [ex.load_config(Path(c[c.index("--config") + 1])) for c in fake.commands]
+    configs = [load_config(Path(c[c.index("--config") + 1])) for c in fake.commands]
     assert len(configs) == 2
     assert all(c.train.rounds == 2 and c.data.num_cooperatives == 3 and c.seed == 4 for c in configs)
 
@@ -427,6 +604,9 @@ def test_summary_metrics_exist_in_a_real_summary(tmp_path):
         for part in metric.split("."):
             assert part in node, metric
             node = node[part]
+    code = summary["code"]  # which code made the run, for fedgov.experiment to compare
+    assert re.fullmatch(r"[0-9a-f]{64}", code["source_hash"]) and code["fedgov_version"]
+    assert code["git_commit"] is None or re.fullmatch(r"[0-9a-f]{40}", code["git_commit"])
     assert metric_value({"fairness": {"worst": 0.5}}, "fairness.worst") == 0.5
     assert metric_value({"fairness": {"worst": None}}, "fairness.worst") is None
 
@@ -458,7 +638,14 @@ def test_end_to_end_tiny_experiment(tmp_path):
             assert math.isfinite(float(row[f"{m}_mean"]))
             assert row[f"{m}_ci95_low"] == row[f"{m}_mean"] == row[f"{m}_ci95_high"]
     assert (out / "figure.png").stat().st_size > 10_000
+    # Each run recorded the code that made it, the experiment's: one code version in the folder.
+    meta = json.loads((out / "experiment.json").read_text())
+    from fedgov.provenance import same_code
+
+    for r in runs:
+        assert same_code(json.loads((out / r["run_dir"] / "summary.json").read_text())["code"], meta["code"])
+    assert meta["stale_runs"] == 0 and len(GIT_COMMIT.findall((out / "experiment.json").read_text())) <= 1
     # Running it again finds every summary.json and starts no federation.
     again = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert again.returncode == 0 and "kept" in again.stderr
+    assert again.returncode == 0 and "kept (summary.json exists, same code)" in again.stderr
     assert read_csv(out / "results.csv") == rows

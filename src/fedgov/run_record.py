@@ -289,6 +289,9 @@ class RunRecord:
             "privacy": self._privacy_block(cooperatives),
             "influence": self._influence_block(),
         }
+        from .provenance import code_version  # the code that made this run; fedgov.experiment compares it
+
+        summary["code"] = code_version()
         if cfg.attack.kind != "off" or cfg.attack.size_claim != 1.0 or self.ground_truth.get("attackers"):
             summary["attack"] = self._attack_block()
         if cfg.heterogeneity.compute != "off" or cfg.heterogeneity.deadline > 0:

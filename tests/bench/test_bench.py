@@ -1,7 +1,9 @@
 """The benchmark harness: ``python -m fedgov.bench``, its statistics, and the aggregation suite's arithmetic."""
 
+import csv
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedgov.bench.cli import BenchError, load_suite_spec
+from fedgov.bench.cli import BenchError, load_suite_spec, run_benchmarks
 from fedgov.bench.core import BenchContext, fit_power_law, percentile, time_call
 from fedgov.bench.suites import aggregation
 
@@ -113,6 +115,8 @@ def test_quick_benchmark_writes_results_report_and_verdicts(tmp_path):
     assert proc.stdout.strip().splitlines()[-1] == str(out)
     results = json.loads((out / "results.json").read_text())
     assert results["quick"] and results["machine"]["cpu_cores"] >= 1 and results["machine"]["libraries"]["tenseal"]
+    assert len(results["code"]["source_hash"]) == 64  # the code that measured it: one version in the file
+    assert len(set(GIT_COMMIT.findall((out / "results.json").read_text()))) <= 1
     assert {n: s["status"] for n, s in results["suites"].items()} == {
         "aggregation": "ok", "dp_training": "ok", "round": "ok", "realtime": "ok"}
     rows = results["rows"]
@@ -134,3 +138,200 @@ def test_quick_benchmark_writes_results_report_and_verdicts(tmp_path):
     again = subprocess.run([sys.executable, "-m", "fedgov.bench", "--quick", "--device", "cpu", "--out", str(out),
                             "--suite", "aggregation"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert again.returncode == 0 and "kept from the earlier run" in again.stderr
+
+
+# ---- which code measured a suite: kept only when the same code did ---------------------------------
+
+CODE = {"git_commit": "a" * 40, "git_dirty": False, "fedgov_version": "0.1.0", "source_hash": "1" * 64}
+OTHER_CODE = {"git_commit": "b" * 40, "git_dirty": False, "fedgov_version": "0.1.0", "source_hash": "2" * 64}
+GIT_COMMIT = re.compile(r'"git_commit": "([0-9a-f]{40})"')  # what the before-stop check greps
+
+
+class FakeSuite:
+    """Stands in for a suite module: counts its runs, records the rows it was given."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.runs = 0
+        self.seen: list[list[dict]] = []
+
+    def run(self, spec, ctx):
+        self.runs += 1
+        self.seen.append(list(ctx.rows))
+        return [{"kind": "fake", "value": spec["value"], "run": self.runs}]
+
+    def figures(self, rows, out):
+        return []
+
+    def report(self, rows):
+        return f"{self.name}: {len(rows)} rows\n"
+
+
+@pytest.fixture
+def fake_bench(tmp_path, monkeypatch):
+    from fedgov.bench import core
+
+    suites_dir = tmp_path / "suites"
+    suites_dir.mkdir()
+    for name in ("aggregation", "round"):
+        (suites_dir / f"{name}.toml").write_text(f'[suite]\nname = "{name}"\nvalue = 1\n[quick]\nvalue = 0\n')
+    fakes = {name: FakeSuite(name) for name in ("aggregation", "round")}
+    monkeypatch.setattr(core, "suite_module", lambda name: fakes[name])
+    monkeypatch.setattr("fedgov.bench.cli.describe_machine", lambda: {"cpu_model": "test", "fedgov_commit": None})
+
+    def bench(suites, *, code=CODE, **kwargs):
+        return run_benchmarks(suites=suites, quick=False, device="cpu", out=tmp_path / "out", suites_dir=suites_dir,
+                              code=code, **kwargs)
+
+    bench.fakes = fakes
+    bench.out = tmp_path / "out"
+    return bench
+
+
+def commits(path: Path) -> set[str]:
+    return set(GIT_COMMIT.findall(path.read_text()))
+
+
+def test_a_suite_is_kept_only_when_the_same_code_measured_it(fake_bench, capsys):
+    fakes, out = fake_bench.fakes, fake_bench.out
+    fake_bench(["aggregation", "round"])
+    assert fakes["aggregation"].runs == fakes["round"].runs == 1
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["code"] == CODE and not saved["reuse_stale"]
+    assert {n: s["source_hash"] for n, s in saved["suites"].items()} == {"aggregation": "1" * 64, "round": "1" * 64}
+    assert commits(out / "results.json") == {CODE["git_commit"]}
+    fake_bench(["aggregation", "round"])  # the same code: both kept
+    assert fakes["aggregation"].runs == fakes["round"].runs == 1
+    # The same sources under another commit (or a dirty tree) are the same code: kept, and the file
+    # names the current commit only.
+    fake_bench(["aggregation", "round"], code={**CODE, "git_commit": "c" * 40, "git_dirty": True})
+    assert fakes["aggregation"].runs == fakes["round"].runs == 1
+    assert commits(out / "results.json") == {"c" * 40}
+    # Other code: the suite asked for is measured again; the one not asked for is dropped, not kept.
+    capsys.readouterr()
+    results = fake_bench(["aggregation"], code=OTHER_CODE)
+    assert fakes["aggregation"].runs == 2 and fakes["round"].runs == 1
+    assert set(results["suites"]) == {"aggregation"} and {r["suite"] for r in results["rows"]} == {"aggregation"}
+    err = capsys.readouterr().err
+    assert "[aggregation] measured by other code" in err and "[round] measured by other code" in err
+    assert "dropped" in err
+    assert commits(out / "results.json") == {OTHER_CODE["git_commit"]}
+    assert "stale" not in results["suites"]["aggregation"]
+
+
+def test_reuse_stale_keeps_other_codes_suites_and_marks_them(fake_bench):
+    fakes, out = fake_bench.fakes, fake_bench.out
+    fake_bench(["round"])
+    results = fake_bench(["aggregation", "round"], code=OTHER_CODE, reuse_stale=True)
+    assert fakes["round"].runs == 1 and fakes["aggregation"].runs == 1  # round kept, aggregation new
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["reuse_stale"] and saved["code"] == OTHER_CODE
+    rnd, agg = saved["suites"]["round"], saved["suites"]["aggregation"]
+    assert rnd["stale"] is True and rnd["code"]["git_commit"] == CODE["git_commit"]
+    assert rnd["code"]["source_hash"] == CODE["source_hash"] and "source_hash" not in rnd
+    assert "stale" not in agg and agg["source_hash"] == OTHER_CODE["source_hash"]
+    assert results["suites"]["round"]["stale"]
+    # A suite run now must not build on rows other code measured.
+    assert all(r.get("suite") != "round" for r in fakes["aggregation"].seen[-1])
+    csv_rows = list(csv.DictReader((out / "results.csv").open()))
+    assert {r["suite"]: r["stale"] for r in csv_rows} == {"round": "True", "aggregation": "False"}
+    report = (out / "report.md").read_text()
+    assert "**Stale**" in report and f"git {'a' * 12}" in report and f"fedgov code: git {'b' * 12}" in report
+    assert commits(out / "results.json") == {CODE["git_commit"], OTHER_CODE["git_commit"]}
+    # A stale suite stays stale (its code is still not this one) until it is measured again.
+    fake_bench(["round"], code=OTHER_CODE, reuse_stale=True)
+    assert fakes["round"].runs == 1
+    assert json.loads((out / "results.json").read_text())["suites"]["round"]["code"]["git_commit"] == "a" * 40
+    fake_bench(["round"], code=OTHER_CODE)
+    assert fakes["round"].runs == 2
+    assert commits(out / "results.json") == {OTHER_CODE["git_commit"]}
+
+
+def test_a_results_file_from_before_the_code_was_recorded_is_stale(fake_bench):
+    fakes, out = fake_bench.fakes, fake_bench.out
+    fake_bench(["round"])
+    saved = json.loads((out / "results.json").read_text())
+    del saved["code"]  # as fedgov wrote it before: only machine.fedgov_commit
+    saved["machine"]["fedgov_commit"] = CODE["git_commit"]
+    for info in saved["suites"].values():
+        del info["source_hash"]
+    (out / "results.json").write_text(json.dumps(saved))
+    fake_bench(["round"])
+    assert fakes["round"].runs == 2
+
+
+def test_reuse_stale_is_an_option_of_the_command_line():
+    from fedgov.bench.cli import _parser
+
+    assert _parser().parse_args(["--reuse-stale"]).reuse_stale
+    assert not _parser().parse_args([]).reuse_stale
+
+
+# ---- realtime: enough samples for the percentiles it reports -------------------------------------
+
+def test_the_full_realtime_suite_times_enough_requests_and_rounds():
+    from fedgov.bench.suites import realtime
+
+    full = load_suite_spec(SUITES_DIR, "realtime", quick=False)
+    assert full["samples"] >= realtime.MIN_LATENCY_SAMPLES == 1000
+    assert full["freshness_rounds"] - 1 >= realtime.MIN_FRESHNESS_ROUNDS == 20  # the first round is not timed
+    realtime.check_sizes(full, quick=False)
+    quick = load_suite_spec(SUITES_DIR, "realtime", quick=True)
+    assert quick["samples"] <= 50 and quick["freshness_rounds"] <= 2  # the smoke test stays small
+    realtime.check_sizes(quick, quick=True)
+    with pytest.raises(ValueError, match="at least 1000 requests"):
+        realtime.check_sizes({**full, "samples": 999}, quick=False)
+    with pytest.raises(ValueError, match="at least 20 rounds"):
+        realtime.check_sizes({**full, "freshness_rounds": 20}, quick=False)
+
+
+def test_latency_fields_report_n_and_p50_p95_p99():
+    from fedgov.bench.inference import _latency_fields
+
+    fields = _latency_fields([i / 1000 for i in range(1, 1001)])  # 1 ms ... 1000 ms
+    assert fields["latency_n"] == 1000
+    assert fields["latency_p50_ms"] == pytest.approx(500.5)
+    assert fields["latency_p95_ms"] == pytest.approx(950.05)
+    assert fields["latency_p99_ms"] == pytest.approx(990.01)
+
+
+def _round_metrics(rounds: int) -> list[dict]:
+    return [{"seconds": 0.5 + 0.01 * i, "bytes_up": 10, "bytes_down": 10, "accuracy": 0.9,
+             "phase_seconds": {"train": 0.3, "evaluate": 0.1}} for i in range(rounds)]
+
+
+def test_freshness_uses_round_rows_only_with_enough_timed_rounds(tmp_path, monkeypatch):
+    from fedgov.bench.suites import realtime, round as round_suite
+
+    calls = []
+
+    def fake_simulate(mechanism, *, rounds, cooperatives, device, out, seed=0):
+        calls.append((mechanism, rounds))
+        return _round_metrics(rounds)
+
+    monkeypatch.setattr(round_suite, "simulate_rounds", fake_simulate)
+    spec = {"freshness_mechanisms": ["none", "he"], "freshness_rounds": 21, "freshness_cooperatives": 3}
+    short = {"suite": "round", "kind": "round", "device": "cpu", "rounds_timed": 5, "round_seconds": 0.4,
+             "round_seconds_p99": 0.5, "round_seconds_min": 0.3}
+    ctx = BenchContext(quick=False, device="cpu", out=tmp_path, rows=[{**short, "mechanism": "none"},
+                                                                      {**short, "mechanism": "he", "rounds_timed": 20}])
+    rows = realtime._freshness(spec, ctx)
+    assert calls == [("none", 21)]  # 5 timed rounds are too few; 20 are enough
+    by = {r["mechanism"]: r for r in rows}
+    assert by["none"]["rounds_timed"] == 20 and by["none"]["from_suite"] == "realtime"
+    assert by["he"]["rounds_timed"] == 20 and by["he"]["from_suite"] == "round"
+    text = realtime.report([{"kind": "freshness", "device": "cpu", **r} for r in rows])
+    assert "| none | cpu | 20 |" in text
+
+
+def test_realtime_report_shows_n_and_three_percentiles():
+    from fedgov.bench.suites import realtime
+
+    row = {"kind": "inference", "model": "logreg", "mode": "he", "latency_n": 1000, "latency_p50_ms": 15.0,
+           "latency_p95_ms": 20.0, "latency_p99_ms": 23.0, "throughput_per_s": 100.0, "request_bytes": 10,
+           "response_bytes": 10, "agreement": 1.0, "test_accuracy": 0.97}
+    verdict = realtime._verdict(realtime.BUDGETS[0], 0.023, {"model": "logreg", "mode": "he", "n": 1000})
+    text = realtime.report([row, verdict])
+    assert "| n | p50 (ms) | p95 (ms) | p99 (ms) |" in text
+    assert "| logreg | he | 1000 | 15 | 20 | 23 |" in text
+    assert "| logreg he | 1000 | 23 ms |" in text

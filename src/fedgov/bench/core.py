@@ -9,13 +9,15 @@ A suite is a module ``fedgov.bench.suites.<name>`` with three functions::
 ``spec`` is the suite's table from ``benchmarks/<name>.toml`` (with its ``[quick]``
 table merged in under ``--quick``). Rows are flat dicts of JSON scalars; the harness
 adds ``suite`` and writes them to results.json / results.csv. A suite may reuse
-rows of a suite run earlier in the same invocation (``ctx.rows``) instead of
+rows of a suite run earlier in the same invocation, or kept from an earlier one
+by the same code (``ctx.rows``; never rows of a suite marked stale), instead of
 measuring the same thing twice, but must measure it itself when they are absent.
 """
 
 from __future__ import annotations
 
 import gc
+import importlib
 import math
 import statistics
 import time
@@ -24,7 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BenchContext", "Timing", "fit_power_law", "fmt", "percentile", "time_call", "time_paired"]
+__all__ = ["BenchContext", "Timing", "fit_power_law", "fmt", "percentile", "suite_module", "time_call",
+           "time_paired"]
+
+
+def suite_module(name: str) -> Any:
+    """The module ``fedgov.bench.suites.<name>`` (looked up through here, so tests can stand in for it)."""
+    return importlib.import_module(f"fedgov.bench.suites.{name}")
 
 
 @dataclass
@@ -36,7 +44,7 @@ class BenchContext:
     out: Path  # the results folder (suites may keep scratch files under out / "work")
     machine: dict[str, Any] = field(default_factory=dict)
     progress: Callable[[str], None] = lambda message: None  # one short line: what is being measured now
-    rows: list[dict[str, Any]] = field(default_factory=list)  # rows of the suites already run in this invocation
+    rows: list[dict[str, Any]] = field(default_factory=list)  # rows of the suites already there, by this code
 
     def step(self, message: str) -> None:
         self.progress(message)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import platform
 import re
-import subprocess
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from ..provenance import code_version
 
 __all__ = ["describe_machine", "machine_slug"]
 
@@ -31,15 +32,6 @@ def _memory_gb() -> float | None:
         kb = int(re.search(r"MemTotal:\s+(\d+)", text).group(1))  # type: ignore[union-attr]
         return round(kb / 2**20, 1)
     except (OSError, AttributeError, ValueError):
-        return None
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "HEAD"],
-                             capture_output=True, text=True, timeout=10, check=True)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
         return None
 
 
@@ -67,7 +59,8 @@ def describe_machine() -> dict[str, Any]:
         "gpu_count": torch.cuda.device_count() if gpu else 0,
         "cuda": torch.version.cuda if gpu else None,
         "libraries": versions,
-        "fedgov_commit": _git_commit(),
+        # The commit alone; results.json ``code`` says which code measured (fedgov.provenance).
+        "fedgov_commit": code_version()["git_commit"],
     }
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
+from ..provenance import describe_code
+from . import core
 from .core import fmt
 
 __all__ = ["headline_rows", "render_report"]
@@ -29,13 +30,15 @@ def headline_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def render_report(results: dict[str, Any], figures: dict[str, list[str]]) -> str:
     m = results.get("machine", {})
     gpu = m.get("gpu") or "none"
+    code = (describe_code(results["code"]) if results.get("code")
+            else f"git {str(m.get('fedgov_commit') or 'unknown')[:12]}")  # written before results.json had it
     lines = ["# fedgov benchmark report", "",
              f"Command: `{results.get('invocation', 'python -m fedgov.bench')}`"
              f"{' (quick: small sizes, a smoke test)' if results.get('quick') else ''}", "",
              f"Machine: {m.get('cpu_model')} ({m.get('cpu_cores_usable')} usable cores of {m.get('cpu_cores')}), "
              f"{m.get('memory_gb')} GB RAM, GPU: {gpu}; training device: {results.get('device')}. "
              f"Python {m.get('python')}, " + ", ".join(f"{k} {v}" for k, v in (m.get("libraries") or {}).items() if v)
-             + f"; fedgov {str(m.get('fedgov_commit') or 'unknown')[:10]}.", "",
+             + f"; fedgov code: {code}.", "",
              f"Started {results.get('started')}, finished {results.get('finished') or '(still running)'}.", ""]
     head = headline_rows(results.get("rows", []))
     if head:
@@ -56,9 +59,12 @@ def render_report(results: dict[str, Any], figures: dict[str, list[str]]) -> str
         lines.append(f"Measured in {info.get('seconds', 0):.0f} s by `{by}`"
                      f"{', started ' + info['started'] if info.get('started') else ''}.")
         lines.append("")
+        if info.get("stale"):
+            lines += [f"**Stale**: kept with `--reuse-stale` from a run by other code "
+                      f"({describe_code(info.get('code'))}), not the code named above.", ""]
         rows = [r for r in results.get("rows", []) if r.get("suite") == name]
         try:
-            lines.append(importlib.import_module(f"fedgov.bench.suites.{name}").report(rows))
+            lines.append(core.suite_module(name).report(rows))
         except Exception as exc:  # the numbers are in results.json either way
             lines.append(f"(report section failed: {type(exc).__name__}: {exc})")
         for fig in figures.get(name, []):

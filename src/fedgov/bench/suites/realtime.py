@@ -1,19 +1,22 @@
 """Suite ``realtime``: is secure AI fast enough for real-time use? Measured against named budgets.
 
 (a) Encrypted inference (CKKS) of a diagnostic model on scikit-learn's breast
-cancer data, logistic regression and a small MLP: one-sample latency p50/p99 end
-to end (encrypt, send, evaluate on the server, return, decrypt) and batched
-throughput, against plaintext inference, with agreement of the predictions
-(``fedgov.bench.inference``).
+cancer data, logistic regression and a small MLP: one-sample latency p50, p95
+and p99 end to end (encrypt, send, evaluate on the server, return, decrypt) over
+``samples`` timed requests (at least :data:`MIN_LATENCY_SAMPLES` in the full
+suite), and batched throughput, against plaintext inference, with agreement of
+the predictions (``fedgov.bench.inference``).
 
 The measured latency is computed on one machine; for encrypted requests a
 second verdict adds the time to move request and response over a link of
 ``link_mbps`` (default 100 Mbit/s), since ciphertexts are hundreds of kilobytes.
 
 (b) How fresh a securely trained model can be: the shortest round period each
-mechanism sustains on the default task (the p99 of its round latency). Taken
-from the ``round`` suite when it ran in the same invocation on the same device,
-else measured here.
+mechanism sustains on the default task (the p99 of its round latency) over
+``freshness_rounds - 1`` timed rounds (the first is start-up; at least
+:data:`MIN_FRESHNESS_ROUNDS` timed in the full suite). Taken from the ``round``
+suite when it ran in the same invocation on the same device with at least as
+many timed rounds, else measured here.
 
 Each measurement is compared with the budgets in :data:`BUDGETS` (see
 docs/realtime.md for their sources): a ``verdict`` row per (budget, case) with the
@@ -27,6 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from ..core import BenchContext
+
+# The full (non-quick) suite's floor: percentiles from fewer samples are too noisy to hold a budget to.
+MIN_LATENCY_SAMPLES = 1000  # timed requests per (model, mode): p99 then rests on the 10 slowest
+MIN_FRESHNESS_ROUNDS = 20  # timed rounds per mechanism (the first, start-up, is not timed)
 
 
 @dataclass(frozen=True)
@@ -63,16 +70,18 @@ def _freshness(spec: dict[str, Any], ctx: BenchContext) -> list[dict[str, Any]]:
     from . import round as round_suite
 
     wanted = list(spec.get("freshness_mechanisms", ["none", "dp", "he", "secagg+", "dp+he"]))
+    rounds = int(spec.get("freshness_rounds", MIN_FRESHNESS_ROUNDS + 1))
     earlier = {r["mechanism"]: r for r in ctx.rows
-               if r.get("suite") == "round" and r.get("kind") == "round" and r.get("device") == ctx.device}
+               if r.get("suite") == "round" and r.get("kind") == "round" and r.get("device") == ctx.device
+               and (r.get("rounds_timed") or 0) >= rounds - 1}  # no fewer rounds than asked for here
     rows = []
     for mechanism in wanted:
         if mechanism in earlier:
             rows.append({**earlier[mechanism], "kind": "freshness", "from_suite": "round"})
             continue
-        ctx.step(f"freshness: {mechanism}")
+        ctx.step(f"freshness: {mechanism}, {rounds} rounds")
         metrics = round_suite.simulate_rounds(
-            mechanism, rounds=int(spec.get("freshness_rounds", 4)),
+            mechanism, rounds=rounds,
             cooperatives=int(spec.get("freshness_cooperatives", 10)), device=ctx.device,
             out=ctx.out / "work" / "realtime" / mechanism)
         rows.append({**round_suite.summarize(mechanism, metrics, device=ctx.device), "kind": "freshness",
@@ -82,9 +91,24 @@ def _freshness(spec: dict[str, Any], ctx: BenchContext) -> list[dict[str, Any]]:
     return [{k: r.get(k) for k in keep} for r in rows]
 
 
+def check_sizes(spec: dict[str, Any], *, quick: bool) -> None:
+    """The full suite's statistics floor (``--quick`` may go below it: a smoke test)."""
+    if quick:
+        return
+    samples = int(spec.get("samples", 200))
+    timed = int(spec.get("freshness_rounds", MIN_FRESHNESS_ROUNDS + 1)) - 1
+    if samples < MIN_LATENCY_SAMPLES:
+        raise ValueError(f"samples = {samples}: the full suite times at least {MIN_LATENCY_SAMPLES} requests "
+                         f"per model and mode (use --quick for a smoke test)")
+    if timed < MIN_FRESHNESS_ROUNDS:
+        raise ValueError(f"freshness_rounds = {timed + 1}: the full suite times at least {MIN_FRESHNESS_ROUNDS} "
+                         f"rounds after the first (freshness_rounds >= {MIN_FRESHNESS_ROUNDS + 1})")
+
+
 def run(spec: dict[str, Any], ctx: BenchContext) -> list[dict[str, Any]]:
     from ..inference import run_encrypted_inference
 
+    check_sizes(spec, quick=ctx.quick)
     rows: list[dict[str, Any]] = []
     inference = [{"kind": "inference", **r} for r in run_encrypted_inference(spec, ctx)]
     rows += inference
@@ -99,14 +123,14 @@ def run(spec: dict[str, Any], ctx: BenchContext) -> list[dict[str, Any]]:
             for budget in BUDGETS:
                 if budget.applies_to == "inference":
                     rows.append(_verdict(budget, seconds, {"model": r["model"], "mode": mode,
-                                                           "preset": r.get("preset")}))
+                                                           "preset": r.get("preset"), "n": r.get("latency_n")}))
     fresh = _freshness(spec, ctx)
     rows += fresh
     for r in fresh:
         for budget in BUDGETS:
             if budget.applies_to == "freshness":
                 rows.append(_verdict(budget, r["round_seconds_p99"], {"mechanism": r["mechanism"],
-                                                                      "device": r["device"]}))
+                                                                      "device": r["device"], "n": r["rounds_timed"]}))
     return rows
 
 
@@ -158,21 +182,37 @@ def report(rows: list[dict[str, Any]]) -> str:
     verdicts = [r for r in rows if r.get("kind") == "verdict"]
     lines = []
     if inf:
-        lines += ["Encrypted inference on breast cancer (one sample end to end; batched throughput):", "",
-                  "| model | mode | p50 (ms) | p99 (ms) | throughput (/s) | request / response bytes | "
-                  "agreement | test accuracy |", "|---|---|---|---|---|---|---|---|"]
+        lines += ["Encrypted inference on breast cancer (one sample end to end, percentiles over n timed "
+                  "requests; batched throughput):", "",
+                  "| model | mode | n | p50 (ms) | p95 (ms) | p99 (ms) | throughput (/s) | "
+                  "request / response bytes | agreement | test accuracy |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in inf:
-            lines.append(f"| {r['model']} | {r['mode']} | {r['latency_p50_ms']:.3g} | {r['latency_p99_ms']:.3g} | "
+            n = r.get("latency_n") or r.get("n_samples")
+            p95 = r.get("latency_p95_ms")
+            lines.append(f"| {r['model']} | {r['mode']} | {n if n is not None else '-'} | "
+                         f"{r['latency_p50_ms']:.3g} | {f'{p95:.3g}' if p95 is not None else '-'} | "
+                         f"{r['latency_p99_ms']:.3g} | "
                          f"{r.get('throughput_per_s') or 0:,.0f} | {r.get('request_bytes') or 0:,} / "
                          f"{r.get('response_bytes') or 0:,} | {r.get('agreement', 1.0):.3f} | "
                          f"{r.get('test_accuracy') or 0:.3f} |")
         lines.append("")
+    fresh = [r for r in rows if r.get("kind") == "freshness"]
+    if fresh:
+        lines += ["Training-round period (the default task; the first round, start-up, not timed):", "",
+                  "| mechanism | device | rounds timed | median (s) | p99 (s) | from suite |",
+                  "|---|---|---|---|---|---|"]
+        for r in fresh:
+            lines.append(f"| {r['mechanism']} | {r.get('device')} | {r.get('rounds_timed')} | "
+                         f"{r['round_seconds']:.3g} | {r['round_seconds_p99']:.3g} | {r.get('from_suite')} |")
+        lines.append("")
     if verdicts:
-        lines += ["Verdicts (p99 against each budget; factor = p99 / budget):", "",
-                  "| budget | limit | case | measured p99 | verdict | factor |", "|---|---|---|---|---|---|"]
+        lines += ["Verdicts (p99 against each budget, over n requests or rounds; factor = p99 / budget):", "",
+                  "| budget | limit | case | n | measured p99 | verdict | factor |", "|---|---|---|---|---|---|---|"]
         for v in verdicts:
             case = (f"{v['model']} {v['mode']}" if v["part"] == "inference" else f"round, {v['mechanism']}")
-            lines.append(f"| {v['budget']} | {v['budget_ms']:g} ms | {case} | {v['p99_ms']:.3g} ms | "
+            n = v.get("n")
+            lines.append(f"| {v['budget']} | {v['budget_ms']:g} ms | {case} | {n if n is not None else '-'} | "
+                         f"{v['p99_ms']:.3g} ms | "
                          f"{'meets' if v['verdict'] == 'meets' else '**misses**'} | {v['factor']:.3g}x |")
         lines += ["", "Budget sources:", ""]
         lines += [f"- {b.name} ({b.seconds:g} s): {b.source}" for b in BUDGETS]
