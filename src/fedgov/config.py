@@ -203,6 +203,9 @@ class RuntimeConfig:
     client_cpus: float = _spec(1.0, low=0.0, low_open=True, doc="CPUs reserved per simulated client")
     client_gpu_fraction: float = _spec(0.25, low=0.0, high=1.0,
                                        doc="GPU share per simulated client when training on CUDA")
+    poll_interval: float = _spec(0.005, low=0.0, high=1.0, low_open=True,
+                                 doc="seconds between the simulation grid's polls for replies (Flower's default, "
+                                     "0.1, would quantize every phase time)")
     out: str = _spec("runs", doc="folder under which run directories are made")
 
 
