@@ -52,6 +52,13 @@ def test_natural_csv_cooperatives_come_from_the_data(tmp_path):
     for row in read_jsonl(run_dir / "metrics.jsonl"):
         assert row["failures"] == [] and row["participants"] == len(SITES), row
 
+    # The run's config.toml fixes the count: a resume whose CSV now names another number of sites
+    # stops before the engine, naming both numbers.
+    with csv.open("a") as handle:
+        handle.write("0,0,0,0,0,0,benign,New Site\n" * 20)
+    proc = _usage_error("--resume", str(run_dir))
+    assert "set to 5" in proc.stderr and "names 6 cooperatives" in proc.stderr, proc.stderr
+
 
 def _usage_error(*args: str) -> subprocess.CompletedProcess:
     started = time.monotonic()
