@@ -28,7 +28,7 @@ from .mechanisms import mechanism_mods
 from .models import build_model
 from .privacy import UNIT_WEIGHT_KEY
 from .strategies.governance import WEIGHT_KEY
-from .task import TrainResult, evaluate, make_loader, resolve_device, train
+from .task import evaluate, make_loader, resolve_device, train
 
 __all__ = ["app", "build_client_app"]
 

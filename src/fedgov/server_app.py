@@ -147,10 +147,10 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, *,
     mechanisms = active(cfg)
     strategy = build_strategy(cfg)
     wrapped = []
-    for mechanism in mechanisms:
-        grid = mechanism.wrap_grid(grid, side)
-        strategy = mechanism.wrap_strategy(strategy, side)
-        wrapped.append((mechanism, strategy))
+    for m in mechanisms:
+        grid = m.wrap_grid(grid, side)
+        strategy = m.wrap_strategy(strategy, side)
+        wrapped.append((m, strategy))
     recorder = RoundRecorder(strategy, node_to_cooperative=node_to_coop,
                              sampler=CohortSampler(seed=cfg.seed, fraction=cfg.strategy.fraction_train),
                              round_offset=done, meter=meter)
@@ -165,8 +165,8 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, *,
     def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         accuracy, loss = global_metrics(arrays)
         if server_round > 0:  # Flower's round 0 is the starting model
-            for mechanism, wrapper in reversed(wrapped):
-                mechanism.note_round(recorder.current, wrapper)
+            for m, wrapper in reversed(wrapped):
+                m.note_round(recorder.current, wrapper)
             latest["arrays"] = arrays
             row = record.add_round(recorder.current, accuracy=accuracy, loss=loss, arrays=arrays)
             record.save_checkpoint(arrays)
