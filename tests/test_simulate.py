@@ -100,3 +100,33 @@ def test_phase_times_measure_work_not_the_poll_interval(small_run):
     assert load_config(small_run / "config.toml").runtime.poll_interval == pytest.approx(0.005)
     evaluate = sorted(r["phase_seconds"]["evaluate"] for r in rows)
     assert evaluate[0] < 0.1, evaluate
+
+
+def test_the_engine_free_floor_runs_the_same_rounds_without_flower(small_run):
+    """Same cohorts, seeds, training and weighting: the floor's global model is the Flower run's."""
+    from fedgov.floor import run_floor
+
+    cfg = load_config(small_run / "config.toml")
+    flower = read_jsonl(small_run / "metrics.jsonl")
+    floor = run_floor(cfg)
+    assert [r["round"] for r in floor] == [r["round"] for r in flower]
+    assert [r["sampled"] for r in floor] == [r["sampled"] for r in flower]
+    assert [r["accuracy"] for r in floor] == pytest.approx([r["accuracy"] for r in flower], abs=1e-9)
+    assert [r["loss"] for r in floor] == pytest.approx([r["loss"] for r in flower], rel=1e-4)
+    for row in floor:
+        phases = row["phase_seconds"]
+        assert 0 < phases["local_train_max"] <= phases["train"] <= row["seconds"]
+        assert sum(phases[p] for p in ("train", "aggregate", "evaluate", "global_evaluate")) <= row["seconds"]
+
+
+def test_the_floor_refuses_what_it_does_not_reproduce():
+    from fedgov.floor import FloorError, floor_problem, run_floor
+
+    assert floor_problem(load_config()) is None
+    for key in ("privacy.dp=sample;privacy.noise_multiplier=1", "secure.aggregation=he", "strategy.name=krum",
+                "attack.kind=label_flip",
+                "governance.clip_update_norm=1.0"):
+        cfg = load_config(None, key.split(";"))
+        assert floor_problem(cfg), key
+        with pytest.raises(FloorError):
+            run_floor(cfg, rounds=1)

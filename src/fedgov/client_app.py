@@ -27,6 +27,7 @@ from .decryption import extra_nodes
 from .mechanisms import mechanism_mods
 from .models import build_model
 from .privacy import UNIT_WEIGHT_KEY
+from .sampling import training_seed
 from .strategies.governance import WEIGHT_KEY
 from .task import evaluate, make_loader, resolve_device, train
 
@@ -102,7 +103,7 @@ def _train_model(model: torch.nn.Module, node: _Node, context: Context, round_co
     cfg = node.config
     server_round = int(round_config.get("server-round", 0))
     coop = node.cooperative
-    seed = cfg.seed * 1_000_003 + server_round * 1_009 + coop.id
+    seed = training_seed(cfg.seed, server_round, coop.id)
     started = time.perf_counter()
     extra: dict[str, float] = {}
     speed = _check_deadline(node)
@@ -217,7 +218,9 @@ def _declines(cfg: Config) -> tuple[type[Exception], ...]:
 def _handle_evaluate(message: Message, node: _Node) -> Message:
     model = node.model_from(message)
     coop = node.cooperative
+    started = time.perf_counter()
     result = evaluate(model, coop.test.x, coop.test.y, device=node.device)
+    seconds = time.perf_counter() - started
     metrics = MetricRecord({
         "num-examples": result.num_examples,
         UNIT_WEIGHT_KEY: 1,
@@ -225,6 +228,7 @@ def _handle_evaluate(message: Message, node: _Node) -> Message:
         "partition-id": coop.id,
         "eval_loss": result.loss,
         "eval_acc": result.accuracy,
+        "seconds_local_evaluate": seconds,
     })
     return Message(content=RecordDict({"metrics": metrics}), reply_to=message)
 

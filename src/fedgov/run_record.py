@@ -147,6 +147,7 @@ class RunRecord:
         weights = {str(c): w for c, w in sorted(log.weights.items())}
         coop_acc = {str(c): m["eval_acc"] for c, m in sorted(log.client_eval.items()) if "eval_acc" in m}
         local_seconds = [m.get("seconds_local_train", 0.0) for m in log.client_train.values()]
+        evaluate_seconds = [m.get("seconds_local_evaluate", 0.0) for m in log.client_eval.values()]
         row = {
             "round": log.round,
             "accuracy": accuracy,
@@ -166,6 +167,7 @@ class RunRecord:
                 "local_train_max": max(local_seconds, default=0.0),
                 "aggregate": log.seconds_aggregate,
                 "evaluate": log.seconds_evaluate,
+                "local_evaluate_max": max(evaluate_seconds, default=0.0),
                 **log.extra_phase_seconds,
             },
             "cooperative_accuracy": coop_acc,

@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -128,6 +129,8 @@ def test_quick_benchmark_writes_results_report_and_verdicts(tmp_path):
     assert {r["part"] for r in verdicts} == {"inference", "freshness"}
     rounds = {r["mechanism"]: r for r in rows if r["suite"] == "round"}
     assert rounds["he"]["encrypt_max_seconds"] > 0 and rounds["none"]["round_seconds"] > 0
+    assert rounds["floor"]["engine"] == "none" and rounds["floor"]["final_accuracy"] == rounds["none"]["final_accuracy"]
+    assert rounds["he"]["floor_ratio"] > 1 and rounds["he"]["engine_seconds"] == rounds["none"]["engine_seconds"]
     header = (out / "results.csv").read_text().splitlines()[0].split(",")
     assert "suite" in header and len((out / "results.csv").read_text().splitlines()) == len(rows) + 1
     for name in ("aggregation.png", "round.png", "realtime.png", "dp_training.png"):
@@ -335,3 +338,39 @@ def test_realtime_report_shows_n_and_three_percentiles():
     assert "| n | p50 (ms) | p95 (ms) | p99 (ms) |" in text
     assert "| logreg | he | 1000 | 15 | 20 | 23 |" in text
     assert "| logreg he | 1000 | 23 ms |" in text
+
+
+# ---- round: engine vs mechanism, against the engine-free floor -----------------------------------
+
+def test_round_rows_split_engine_from_mechanism_against_the_floor():
+    from fedgov.bench.suites import round as round_suite
+
+    def rows(seconds: float, train: float, local: float) -> list[dict]:
+        return [{"seconds": seconds, "bytes_up": 10, "bytes_down": 10, "accuracy": 0.5,
+                 "phase_seconds": {"train": train, "local_train_max": local, "evaluate": 0.01}}] * 3
+
+    summarized = round_suite.split_costs([
+        round_suite.summarize("none", rows(0.20, 0.12, 0.02), device="cpu"),
+        round_suite.summarize("he", rows(0.50, 0.30, 0.02), device="cpu"),
+        round_suite.summarize(round_suite.FLOOR, rows(0.10, 0.08, 0.02), device="cpu")])
+    plain, he, floor = summarized
+    assert floor["engine"] == "none" and plain["engine"] == he["engine"] == "flower"
+    assert plain["floor_ratio"] == pytest.approx(2.0) and he["floor_ratio"] == pytest.approx(5.0)
+    assert he["round_ratio"] == pytest.approx(2.5) and floor["round_ratio"] == pytest.approx(0.5)
+    assert he["engine_seconds"] == pytest.approx(0.10) and he["mechanism_seconds"] == pytest.approx(0.30)
+    assert plain["mechanism_seconds"] == pytest.approx(0.0) and "engine_seconds" not in floor
+    text = round_suite.report(summarized)
+    assert "| he | 0.500 | 2.50 | 5.00 | 0.100 | +0.300 | 60% |" in text
+    assert "floor (no engine)" in text and "0.100 s of each round is the engine's" in text
+
+
+def test_gpu_check_script_parses_and_refuses_a_machine_without_cuda(tmp_path):
+    import torch
+
+    script = ROOT / "benchmarks" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the script would run for real")
+    proc = subprocess.run(["bash", str(script), str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHON": sys.executable, "DEVICE": "cuda"})
+    assert proc.returncode == 2 and "no CUDA device" in proc.stderr and not (tmp_path / "out").exists()

@@ -14,32 +14,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from ..client_errors import failure_of
-from ..config import cohort_size
+from ..sampling import CohortSampler
 from ..traffic import TrafficMeter
 
 __all__ = ["CohortSampler", "RoundRecorder", "RoundLog"]
-
-
-class CohortSampler:
-    """Seeded choice of which cooperatives train in a round (independent of node ids)."""
-
-    def __init__(self, *, seed: int, fraction: float) -> None:
-        self.seed = seed
-        self.fraction = fraction
-
-    def sample(self, server_round: int, cooperative_ids: Iterable[int]) -> list[int]:
-        ids = sorted(cooperative_ids)
-        size = cohort_size(self.fraction, len(ids))
-        if size >= len(ids):
-            return ids
-        rng = np.random.default_rng([self.seed, server_round])
-        return sorted(int(i) for i in rng.choice(ids, size=size, replace=False))
 
 
 class _NodeSubsetGrid:

@@ -11,7 +11,13 @@ encryption or masking, the replies), ``aggregate``, ``evaluate``; inside them
 ``local_train_max`` (the slowest cooperative's training), ``encrypt_max``,
 ``he_aggregate`` and ``decrypt``; SecAgg+ adds ``secagg_setup`` and
 ``secagg_share_keys`` rounds of messages before training. ``other`` is what the
-round took beyond the named top-level phases (scheduling, bookkeeping).
+round took beyond the named top-level phases (the global evaluation, bookkeeping).
+
+The suite also runs the **engine-free floor** (``fedgov.floor``): the same rounds of the
+same federation by fedgov's own training and evaluation code in one process, without
+Flower. A plain Flower round's time beyond the floor is the engine's (messaging,
+serialization, per-message set-up, waiting); a mechanism's time beyond the plain Flower
+round is the mechanism's. Every row carries both ratios.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ...config import load_config
+from ...floor import run_floor
 from ...results import read_jsonl
 from ..core import BenchContext, percentile
 
@@ -35,8 +43,9 @@ MECHANISMS: dict[str, dict[str, Any]] = {
     "secagg+": {"secure.aggregation": "secagg+"},
     "dp+he": {"privacy.dp": "sample", "privacy.noise_multiplier": 1.0, "secure.aggregation": "he"},
 }
+FLOOR = "floor"  # the row of the engine-free floor
 TOP_PHASES = ("secagg_setup", "secagg_share_keys", "train", "aggregate", "evaluate")
-SUB_PHASES = ("local_train_max", "encrypt_max", "he_aggregate", "decrypt")
+SUB_PHASES = ("local_train_max", "encrypt_max", "he_aggregate", "decrypt", "local_evaluate_max")
 
 
 def simulate_rounds(mechanism: str, *, rounds: int, cooperatives: int, device: str, out: Path,
@@ -62,23 +71,31 @@ def simulate_rounds(mechanism: str, *, rounds: int, cooperatives: int, device: s
     return rows
 
 
+def floor_rounds(*, rounds: int, cooperatives: int, device: str, seed: int = 0) -> list[dict[str, Any]]:
+    """The engine-free floor of the plain mechanism's rounds (same settings as ``simulate_rounds``)."""
+    sets = {"train.rounds": rounds, "data.num_cooperatives": cooperatives, "seed": seed, "runtime.device": device}
+    return run_floor(load_config(None, [f"{k}={v}" for k, v in sets.items()]))
+
+
 def summarize(mechanism: str, rows: list[dict[str, Any]], *, device: str) -> dict[str, Any]:
     """Median round latency and per-phase medians and shares, first round dropped."""
     timed = rows[1:] if len(rows) > 1 else rows
     seconds = [r["seconds"] for r in timed]
     median = statistics.median(seconds)
+    bytes_moved = [r["bytes_up"] + r["bytes_down"] for r in timed if "bytes_up" in r]
     out: dict[str, Any] = {"kind": "round", "mechanism": mechanism, "device": device, "rounds_timed": len(timed),
+                           "engine": "none" if mechanism == FLOOR else "flower",
                            "round_seconds": median, "round_seconds_p99": percentile(seconds, 99),
                            "round_seconds_min": min(seconds),
-                           "bytes_per_round": statistics.median(r["bytes_up"] + r["bytes_down"] for r in timed),
+                           "bytes_per_round": statistics.median(bytes_moved) if bytes_moved else 0,
                            "final_accuracy": rows[-1].get("accuracy")}
     named = 0.0
-    for phase in TOP_PHASES + SUB_PHASES:
+    for phase in TOP_PHASES + SUB_PHASES + ("global_evaluate",):
         values = [r["phase_seconds"][phase] for r in timed if phase in r.get("phase_seconds", {})]
         if values:
             out[f"{phase}_seconds"] = statistics.median(values)
             out[f"{phase}_share"] = out[f"{phase}_seconds"] / median if median else None
-            if phase in TOP_PHASES:
+            if phase in TOP_PHASES or phase == "global_evaluate":
                 named += out[f"{phase}_seconds"]
     out["other_seconds"] = max(0.0, median - named)
     out["other_share"] = out["other_seconds"] / median if median else None
@@ -98,9 +115,24 @@ def run(spec: dict[str, Any], ctx: BenchContext) -> list[dict[str, Any]]:
         metrics = simulate_rounds(mechanism, rounds=rounds, cooperatives=cooperatives, device=ctx.device,
                                   out=out / mechanism)
         rows.append(summarize(mechanism, metrics, device=ctx.device))
+    ctx.step(f"engine-free floor: {rounds} rounds, {cooperatives} cooperatives on {ctx.device}")
+    rows.append(summarize(FLOOR, floor_rounds(rounds=rounds, cooperatives=cooperatives, device=ctx.device),
+                          device=ctx.device))
+    return split_costs(rows)
+
+
+def split_costs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each row's ratio to the plain Flower round and to the floor, and its engine vs mechanism seconds."""
     base = next((r for r in rows if r["mechanism"] == "none"), None)
+    floor = next((r for r in rows if r["mechanism"] == FLOOR), None)
     for r in rows:
         r["round_ratio"] = r["round_seconds"] / base["round_seconds"] if base else None
+        r["floor_ratio"] = r["round_seconds"] / floor["round_seconds"] if floor else None
+        if r["mechanism"] == FLOOR:
+            continue
+        # Engine: what the plain Flower round adds to the floor. Mechanism: what this one adds to plain.
+        r["engine_seconds"] = base["round_seconds"] - floor["round_seconds"] if base and floor else None
+        r["mechanism_seconds"] = r["round_seconds"] - base["round_seconds"] if base else None
     return rows
 
 
@@ -112,14 +144,18 @@ def figures(rows: list[dict[str, Any]], out: Path) -> list[Path]:
         return []
     # Stacked bars of what the round is made of; sub-phases carved out of train / aggregate.
     parts = [("local_train_max", "local training (slowest)"), ("encrypt_max", "encrypt (slowest)"),
-             ("train_rest", "train: messaging, waiting"), ("secagg_setup", "SecAgg+ setup"),
+             ("train_rest", "train: messaging, waiting"),
+             ("others_train", "local training of the others, in turn (floor)"), ("secagg_setup", "SecAgg+ setup"),
              ("secagg_share_keys", "SecAgg+ share keys"), ("he_aggregate", "HE sum"), ("decrypt", "decrypt (incl. query to key holder)"),
-             ("aggregate_rest", "aggregate: rest"), ("evaluate", "evaluate"), ("other", "other")]
+             ("aggregate_rest", "aggregate: rest"), ("evaluate", "evaluate (cooperatives)"),
+             ("global_evaluate", "global evaluation (floor)"), ("other", "other")]
 
     def value(r: dict[str, Any], key: str) -> float:
         get = lambda k: r.get(f"{k}_seconds") or 0.0  # noqa: E731
-        if key == "train_rest":
-            return max(0.0, get("train") - get("local_train_max") - get("encrypt_max"))
+        floor = r["mechanism"] == FLOOR  # no messages: the rest of its train phase is the others' training
+        if key in ("train_rest", "others_train"):
+            rest = max(0.0, get("train") - get("local_train_max") - get("encrypt_max"))
+            return rest if (key == "others_train") == floor else 0.0
         if key == "aggregate_rest":
             return max(0.0, get("aggregate") - get("he_aggregate") - get("decrypt"))
         return get(key)
@@ -128,17 +164,17 @@ def figures(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     names = [f"{r['mechanism']}\n({r['device']})" if len({x['device'] for x in rows}) > 1 else r["mechanism"]
              for r in rows]
     bottom = [0.0] * len(rows)
-    cmap = plt.get_cmap("tab10")
+    cmap = plt.get_cmap("tab20")
     for i, (key, label) in enumerate(parts):
         heights = [value(r, key) for r in rows]
         if not any(heights):
             continue
-        ax.bar(names, heights, bottom=bottom, label=label, color=cmap(i % 10))
+        ax.bar(names, heights, bottom=bottom, label=label, color=cmap(i % 20))
         bottom = [b + h for b, h in zip(bottom, heights)]
     for x, r in enumerate(rows):
         ax.annotate(f"{r['round_seconds']:.2f} s", (x, bottom[x]), ha="center", va="bottom", fontsize="small")
     ax.set_ylabel("seconds per round (median)")
-    ax.set_title("Round latency by phase, default task", fontweight="bold")
+    ax.set_title("Round latency by phase (floor: the same rounds without Flower)", fontweight="bold")
     _style(ax)
     ax.legend(fontsize="x-small", frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
@@ -159,9 +195,50 @@ def report(rows: list[dict[str, Any]]) -> str:
         return f"{100 * total:.0f}%" if any(r.get(f"{k}_share") is not None for k in keys) else "-"
 
     for r in rows:
+        if r["mechanism"] == FLOOR:
+            continue
         ratio = f"{r['round_ratio']:.2f}" if r.get("round_ratio") else "-"
         lines.append(f"| {r['mechanism']} | {r['device']} | {r['round_seconds']:.3f} | {ratio} | "
                      f"{pct(r, 'local_train_max')} | {pct(r, 'encrypt_max')} | {pct(r, 'he_aggregate', 'decrypt')} | "
                      f"{pct(r, 'secagg_setup', 'secagg_share_keys')} | {pct(r, 'evaluate')} | "
                      f"{100 * (r.get('crypto_share') or 0):.0f}% | {r['bytes_per_round']:,.0f} |")
+    return "\n".join(lines) + "\n" + _engine_report(rows)
+
+
+def _engine_report(rows: list[dict[str, Any]]) -> str:
+    """Engine vs mechanism: each round against the plain Flower round and the engine-free floor."""
+    floor = next((r for r in rows if r["mechanism"] == FLOOR), None)
+    base = next((r for r in rows if r["mechanism"] == "none"), None)
+    if floor is None:
+        return ""
+    sec = lambda r, k: r.get(f"{k}_seconds") or 0.0  # noqa: E731
+    lines = ["", f"The engine-free floor runs the same rounds (same cohorts, seeds and model: final accuracy "
+             f"{floor['final_accuracy']:.4f}) with fedgov's own training and evaluation code in one process, "
+             f"without Flower, the cooperatives one after another: {floor['round_seconds']:.3f} s per round, of "
+             f"which local training {sec(floor, 'train'):.3f} s (slowest cooperative "
+             f"{sec(floor, 'local_train_max'):.3f} s) and the cooperatives' evaluation {sec(floor, 'evaluate'):.3f} s."]
+    if base is not None:
+        messaging = max(0.0, sec(base, "train") - sec(base, "local_train_max"))
+        lines.append(
+            f"A plain Flower round takes {base['round_seconds']:.3f} s ({base['floor_ratio']:.2f}x the floor): "
+            f"{base['engine_seconds']:.3f} s of each round is the engine's. Of its train phase "
+            f"({sec(base, 'train'):.3f} s) the slowest cooperative trains {sec(base, 'local_train_max'):.3f} s and "
+            f"{messaging:.3f} s is messaging and waiting; its evaluation phase takes {sec(base, 'evaluate'):.3f} s "
+            f"(the slowest cooperative's evaluation {sec(base, 'local_evaluate_max'):.4f} s) against the floor's "
+            f"{sec(floor, 'evaluate'):.3f} s for all the same evaluations.")
+    lines += ["", "| mechanism | s/round | x plain Flower round | x floor | engine s (plain - floor) | "
+              "mechanism s (this - plain) | mechanism share of the round |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["mechanism"] == FLOOR:
+            lines.append(f"| floor (no engine) | {r['round_seconds']:.3f} | "
+                         f"{r['round_ratio']:.2f} | 1.00 | - | - | - |" if r.get("round_ratio") else
+                         f"| floor (no engine) | {r['round_seconds']:.3f} | - | 1.00 | - | - | - |")
+            continue
+        engine = r.get("engine_seconds")
+        mech = r.get("mechanism_seconds")
+        share = f"{100 * mech / r['round_seconds']:.0f}%" if mech is not None and r["round_seconds"] else "-"
+        lines.append(f"| {r['mechanism']} | {r['round_seconds']:.3f} | "
+                     f"{r['round_ratio']:.2f} | {r['floor_ratio']:.2f} | "
+                     f"{engine:.3f} | {mech:+.3f} | {share} |" if engine is not None and mech is not None else
+                     f"| {r['mechanism']} | {r['round_seconds']:.3f} | - | - | - | - | - |")
     return "\n".join(lines) + "\n"
