@@ -89,6 +89,17 @@ def test_cuda_without_a_gpu_stops_before_the_engine(tmp_path):
     assert "runtime.device" in proc.stderr
 
 
+def test_a_ray_cluster_that_does_not_answer_stops_before_the_engine(tmp_path):
+    from flower_processes import free_ports
+
+    dead = f"127.0.0.1:{free_ports(1)[0]}"  # nothing listens there
+    proc = _usage_error("--set", f"runtime.ray_address={dead}", "--out", str(tmp_path / "runs"))
+    assert "runtime.ray_address" in proc.stderr and dead in proc.stderr
+    proc = _usage_error("--set", "runtime.ray_address=my-cluster", "--out", str(tmp_path / "runs"))
+    assert "not HOST:PORT" in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 def test_bad_csv_column_stops_before_the_engine(tmp_path):
     csv = write_sites_csv(tmp_path / "sites.csv")
     proc = _usage_error(*csv_args(csv), "--set", "data.cooperative_column=hospital", "--out", str(tmp_path))

@@ -88,8 +88,17 @@ def test_sampling_fraction_is_seeded_and_respected(tmp_path):
     rows = read_jsonl(first / "metrics.jsonl")
     assert all(r["participants"] == 2 and len(r["sampled"]) == 2 for r in rows)
     assert len({tuple(r["sampled"]) for r in rows}) > 1  # different cohorts in different rounds
-    second = run_dir_of(run_simulate(*args, "--out", str(tmp_path / "b")))
-    assert [r["sampled"] for r in read_jsonl(second / "metrics.jsonl")] == [r["sampled"] for r in rows]
+    # The second run also evaluates the cooperatives only every other round (and after the last):
+    # the cohorts, the global model and its global evaluation are the same.
+    second = run_dir_of(run_simulate(*args, "--set", "train.evaluate_every=2", "--out", str(tmp_path / "b")))
+    sparse = read_jsonl(second / "metrics.jsonl")
+    assert [r["sampled"] for r in sparse] == [r["sampled"] for r in rows]
+    assert [r["accuracy"] for r in sparse] == [r["accuracy"] for r in rows]
+    assert [bool(r["cooperative_accuracy"]) for r in sparse] == [False, True, True]  # rounds 1, 2, 3 (the last)
+    assert all(len(r["cooperative_accuracy"]) == 4 for r in rows)
+    assert "evaluate" not in sparse[0]["bytes_by_stage"] and "evaluate" in sparse[1]["bytes_by_stage"]
+    assert sparse[1]["cooperative_accuracy"] == rows[1]["cooperative_accuracy"]
+    assert read_json(second / "summary.json")["fairness"] == read_json(first / "summary.json")["fairness"]
 
 
 def test_phase_times_measure_work_not_the_poll_interval(small_run):

@@ -33,6 +33,7 @@ __all__ = [
     "GovernanceConfig",
     "AttackConfig",
     "HeterogeneityConfig",
+    "ParticipationConfig",
     "load_config",
     "parse_override",
     "read_config",
@@ -77,6 +78,13 @@ class DataConfig:
     synthetic_features: int = _spec(60, low=1, doc="Synthetic: input dimension")
     synthetic_classes: int = _spec(10, low=2, doc="Synthetic: number of classes")
     synthetic_samples: int = _spec(4000, low=10, doc="Synthetic: total examples over all cooperatives")
+    sybil_identities: int = _spec(0, low=0, high=10_000,
+                                  doc="extra identities one actor registers (0: none); they join as cooperatives "
+                                      "num_cooperatives, num_cooperatives + 1, ...")
+    sybil_actor: int = _spec(-1, low=-1, doc="the cooperative behind the extra identities (-1: the largest)")
+    sybil_mode: str = _spec("split", choices=("split", "copies"),
+                            doc="split: the actor's data is dealt across itself and its identities; copies: each "
+                                "identity holds a copy of the actor's data")
 
 
 @dataclass
@@ -92,6 +100,9 @@ class TrainConfig:
     batch_size: int = _spec(16, low=1, doc="local mini-batch size")
     lr: float = _spec(0.05, low=0.0, low_open=True, doc="local SGD learning rate")
     momentum: float = _spec(0.9, low=0.0, high=0.999, doc="local SGD momentum")
+    evaluate_every: int = _spec(0, low=0, doc="every cooperative evaluates the global model on its local test split "
+                                              "every this many rounds, and after the last (0: every round up to "
+                                              "100 cooperatives, else every 5; the global test set: every round)")
 
 
 @dataclass
@@ -160,6 +171,9 @@ class GovernanceConfig:
     clip_update_norm: float = _spec(0.0, low=0.0,
                                     doc="defense: clip each plaintext update's change to this L2 norm before "
                                         "aggregating (0 = off)")
+    similarity_defense: bool = _spec(False, doc="defense against sybils (FoolsGold-style): scale each plaintext "
+                                                "update's weight by 1 - its highest cosine similarity to another "
+                                                "update of the round, the least similar keeping its full weight")
     retain_updates: bool = _spec(True, doc="keep every received update (the ciphertext under HE) with the run, "
                                            "for python -m fedgov.audit trace")
     board_size: int = _spec(5, low=2, high=255, doc="HE escrow: members of the oversight board holding key shares")
@@ -198,6 +212,20 @@ class HeterogeneityConfig:
 
 
 @dataclass
+class ParticipationConfig:
+    model: str = _spec("always", choices=("always", "turnout", "size"),
+                       doc="who shows up each round before the server samples strategy.fraction_train of them: "
+                           "every member, each with probability participation.turnout, or with a probability "
+                           "that grows with its size")
+    turnout: float = _spec(1.0, low=0.0, high=1.0, low_open=True,
+                           doc="mean probability that a member shows up in a round (models turnout and size)")
+    size_exponent: float = _spec(1.0, low=0.0,
+                                 doc="model size: a member's probability is proportional to its size to this "
+                                     "power (0: all alike; 1: in proportion, large members nearly always, small "
+                                     "ones rarely), capped at 1 and scaled so the mean is participation.turnout")
+
+
+@dataclass
 class RuntimeConfig:
     device: str = _spec("auto", choices=("auto", "cpu", "cuda"), doc="where clients train")
     client_cpus: float = _spec(1.0, low=0.0, low_open=True, doc="CPUs reserved per simulated client")
@@ -206,6 +234,9 @@ class RuntimeConfig:
     poll_interval: float = _spec(0.005, low=0.0, high=1.0, low_open=True,
                                  doc="seconds between the simulation grid's polls for replies (Flower's default, "
                                      "0.1, would quantize every phase time)")
+    ray_address: str = _spec("", doc="an existing Ray cluster to simulate on ('auto' or HOST:PORT of its head); "
+                                     "empty: a local Ray instance of fedgov's own, never a cluster merely "
+                                     "recorded on this machine")
     out: str = _spec("runs", doc="folder under which run directories are made")
 
 
@@ -221,6 +252,7 @@ class Config:
     governance: GovernanceConfig = field(default_factory=GovernanceConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     heterogeneity: HeterogeneityConfig = field(default_factory=HeterogeneityConfig)
+    participation: ParticipationConfig = field(default_factory=ParticipationConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     # ---- conversions -------------------------------------------------------
@@ -345,6 +377,8 @@ def _cross_check(cfg: Config, where: str) -> None:
     if secure.aggregation == "secagg+":
         _check_secagg(cfg, where)
     _check_governance(cfg, where)
+    _check_participation(cfg, where)
+    _check_sybils(cfg, where)
     if cfg.model.name == "cnn" and data.dataset != "digits":
         raise ConfigError(f"{where}: model.name: 'cnn' needs image data (data.dataset = 'digits')")
 
@@ -370,6 +404,27 @@ def _check_governance(cfg: Config, where: str) -> None:
         except ValueError:
             raise ConfigError(f"{where}: heterogeneity.tiers: {cfg.heterogeneity.tiers!r} is not a comma-separated "
                               f"list of positive speeds") from None
+
+
+def _check_sybils(cfg: Config, where: str) -> None:
+    if cfg.data.sybil_actor >= 0 and cfg.data.partition != "natural" and cfg.data.sybil_actor >= cfg.data.num_cooperatives:
+        raise ConfigError(f"{where}: data.sybil_actor: {cfg.data.sybil_actor} is not a cooperative "
+                          f"(ids are 0..{cfg.data.num_cooperatives - 1})")
+    if cfg.governance.similarity_defense and cfg.secure.aggregation != "off":
+        raise ConfigError(f"{where}: governance.similarity_defense: compares plaintext updates, which "
+                          f"secure.aggregation = {cfg.secure.aggregation!r} hides from the aggregator")
+
+
+def _check_participation(cfg: Config, where: str) -> None:
+    """A cohort whose size changes from round to round is what two mechanisms cannot take."""
+    if cfg.participation.model == "always":
+        return
+    if cfg.secure.aggregation == "secagg+":
+        raise ConfigError(f"{where}: participation.model: SecAgg+ needs a cohort of a size known in advance; "
+                          f"use 'always' with secure.aggregation = 'secagg+'")
+    if cfg.privacy.dp == "user":
+        raise ConfigError(f"{where}: participation.model: central DP (privacy.dp = 'user') is calibrated to a "
+                          f"fixed cohort size; use 'always' or privacy.dp = 'sample'")
 
 
 def _check_secagg(cfg: Config, where: str) -> None:

@@ -26,7 +26,7 @@ from .config import Config
 from .governance.weighting import policy_weights
 from .models import build_model
 from .preflight import resolve_federation
-from .sampling import CohortSampler, training_seed
+from .sampling import cohort_sampler, evaluates_cooperatives, evaluation_interval, training_seed
 from .task import evaluate, make_loader, resolve_device, train
 
 __all__ = ["FloorError", "floor_problem", "run_floor"]
@@ -56,7 +56,8 @@ def run_floor(cfg: Config, *, rounds: int | None = None,
     Each row has ``round``, ``seconds`` (the whole round), ``accuracy`` and ``loss`` (global
     test set) and ``phase_seconds``: ``train`` (all local training, one cooperative after
     another), ``local_train_max`` (the slowest cooperative's), ``aggregate``, ``evaluate``
-    (every cooperative's local evaluation) and ``global_evaluate``.
+    (every cooperative's local evaluation, in the rounds ``train.evaluate_every`` picks) and
+    ``global_evaluate``.
     """
     problem = floor_problem(cfg)
     if problem:
@@ -79,8 +80,9 @@ def _rounds(cfg: Config, federation: Any, device: torch.device, rounds: int,
 
     server_model, client_model = new_model(), new_model()
     global_state = {k: v.detach().clone() for k, v in server_model.state_dict().items()}
-    sampler = CohortSampler(seed=cfg.seed, fraction=cfg.strategy.fraction_train)
     coops = federation.cooperatives
+    sampler = cohort_sampler(cfg, {c: len(coop.train) for c, coop in enumerate(coops)})
+    every = evaluation_interval(cfg.train.evaluate_every, len(coops))
     rows: list[dict[str, Any]] = []
     for server_round in range(1, rounds + 1):
         started = time.perf_counter()
@@ -106,9 +108,10 @@ def _rounds(cfg: Config, federation: Any, device: torch.device, rounds: int,
         server_model.load_state_dict(global_state)
         aggregate_done = time.perf_counter()
 
-        for coop in coops:
-            client_model.load_state_dict(global_state)
-            evaluate(client_model, coop.test.x, coop.test.y, device=device)
+        if evaluates_cooperatives(server_round, every=every, last_round=cfg.train.rounds):
+            for coop in coops:
+                client_model.load_state_dict(global_state)
+                evaluate(client_model, coop.test.x, coop.test.y, device=device)
         evaluate_done = time.perf_counter()
 
         result = evaluate(server_model, federation.global_test.x, federation.global_test.y, device=device)
@@ -122,3 +125,44 @@ def _rounds(cfg: Config, federation: Any, device: torch.device, rounds: int,
         if on_round is not None:
             on_round(row)
     return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fedgov.floor``: the floor of a config's rounds; prints one line, writes the rows as JSON."""
+    import sys
+    from pathlib import Path
+
+    from .cli import ArgumentParser, fail
+    from .config import ConfigError, read_config
+    from .preflight import PreflightError, preflight
+    from .results import write_json
+
+    prog = "fedgov.floor"
+    p = ArgumentParser(prog=prog, description="Run a config's rounds with fedgov's own code in one process, "
+                                              "without Flower: the engine-free floor of the same federation.")
+    p.add_argument("--config", type=Path, default=None, help="TOML config (default: configs/default.toml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key (repeatable)")
+    p.add_argument("--out", type=Path, default=None, help="write the rows to this JSON file")
+    args = p.parse_args(argv)
+    started = time.perf_counter()
+    try:
+        cfg, given = read_config(args.config, args.overrides)
+        cfg, _ = preflight(cfg, given=given)
+        problem = floor_problem(cfg)
+        if problem:
+            raise FloorError(problem)
+    except (ConfigError, PreflightError, FloorError) as exc:
+        fail(prog, str(exc), 2)
+    rows = run_floor(cfg)
+    seconds = time.perf_counter() - started
+    if args.out is not None:
+        write_json(args.out, {"config_hash": cfg.hash(), "rows": rows, "seconds": seconds})
+    per_round = sum(r["seconds"] for r in rows) / len(rows)
+    print(f"{prog}: {len(rows)} rounds of {cfg.data.num_cooperatives} cooperatives in {seconds:.1f} s "
+          f"({per_round:.3f} s per round), final accuracy {rows[-1]['accuracy']:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

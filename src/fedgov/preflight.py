@@ -76,6 +76,24 @@ def check_device(cfg: Config) -> None:
                              f"sees no GPU on this machine; use 'auto' or 'cpu'")
 
 
+def check_ray_address(cfg: Config, *, timeout: float = 3.0) -> None:
+    """A Ray cluster named by ``runtime.ray_address`` must answer now, not after Ray's long wait."""
+    address = cfg.runtime.ray_address
+    if address in ("", "auto"):
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise PreflightError(f"runtime.ray_address: {address!r} is not HOST:PORT of a Ray head node (or 'auto')")
+    import socket
+
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise PreflightError(f"runtime.ray_address: no Ray head answers at {address} ({exc.strerror or exc}); "
+                             f"start one with `ray start --head`, or leave runtime.ray_address empty for a "
+                             f"local Ray instance") from None
+
+
 def check_keys(cfg: Config) -> None:
     """A user-provided HE key folder must hold keys made for this run's preset, key holder and board."""
     if cfg.secure.aggregation != "he" or not cfg.secure.key_dir:
@@ -97,4 +115,5 @@ def preflight(cfg: Config, *, given: Set[str] | None) -> tuple[Config, Federatio
         raise PreflightError(str(exc)) from None
     check_device(cfg)
     check_keys(cfg)
+    check_ray_address(cfg)
     return cfg, federation

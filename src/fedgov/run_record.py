@@ -314,12 +314,38 @@ class RunRecord:
 
         block: dict[str, Any] = {"weighting": self.cfg.governance.weighting,
                                  **mean_influence([r["influence"] for r in self.rows if r.get("influence")])}
+        run = self._run_influence()
+        if run is not None:
+            block["run"] = run
+        actors = self.ground_truth.get("actors")
+        if actors and run is not None:  # sybils: who really holds the weight (simulation ground truth)
+            block["run_by_actor"] = self._run_influence(actor_of={str(c): str(a) for c, a in actors.items()})
         applied = [r["applied_influence"] for r in self.rows if r.get("applied_influence")]
         if applied:  # HE: what the clients actually applied (known to the simulation, not the aggregator)
             block["applied"] = mean_influence(applied)
             block["applied_weight_sum"] = float(np.mean([r["applied_weight_sum"] for r in self.rows
                                                          if "applied_weight_sum" in r]))
         return block
+
+    def _run_influence(self, actor_of: dict[str, str] | None = None) -> dict[str, Any] | None:
+        """Concentration of the weight each member realized over the whole run, every member counted.
+
+        A member's share is its aggregation weight summed over the rounds (the weight it
+        applied itself under HE) over the rounds' total; members that never took part hold 0.
+        With ``actor_of`` (identity -> actor), the weight of every identity goes to its actor.
+        """
+        from .governance.weighting import influence
+
+        owner = actor_of or {}
+        totals = {owner.get(str(c), str(c)): 0.0 for c in sorted(self.cooperatives)}
+        for row in self.rows:
+            for c, w in (row.get("applied_weights") or row.get("weights") or {}).items():
+                totals[owner.get(c, c)] = totals.get(owner.get(c, c), 0.0) + float(w)
+        if not any(totals.values()):
+            return None
+        top = max(totals, key=lambda c: (totals[c], -int(c)))
+        return {**influence(list(totals.values())), "top_member": int(top),
+                "members": len(totals), "members_with_weight": sum(v > 0 for v in totals.values())}
 
     def _attack_block(self) -> dict[str, Any]:
         a = self.cfg.attack

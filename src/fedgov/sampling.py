@@ -1,30 +1,101 @@
-"""Which cooperatives train in a round: a seeded draw, shared by the Flower run and the engine-free floor."""
+"""Who takes part in a round: who shows up, the seeded training cohort, and the evaluation schedule.
+
+Shared by the Flower run (``fedgov.strategies``, ``fedgov.crypto.secagg``) and the engine-free floor.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from .config import cohort_size
+from .config import Config, ParticipationConfig, cohort_size
 
-__all__ = ["CohortSampler", "training_seed"]
+__all__ = ["CohortSampler", "cohort_sampler", "evaluates_cooperatives", "evaluation_interval", "show_up_probabilities",
+           "training_seed"]
 
 
 class CohortSampler:
-    """Seeded choice of which cooperatives train in a round (independent of node ids)."""
+    """Seeded choice of which cooperatives train in a round (independent of node ids).
 
-    def __init__(self, *, seed: int, fraction: float) -> None:
+    With ``show_up`` (member -> probability), each member first decides on its own whether
+    to show up this round (``participation.model``); the server then samples
+    ``strategy.fraction_train`` of those present. A round nobody shows up for is held with
+    the member most likely to, so that every round has a cohort. ``last_present`` is who
+    showed up in the round sampled last.
+    """
+
+    def __init__(self, *, seed: int, fraction: float, show_up: Mapping[int, float] | None = None) -> None:
         self.seed = seed
         self.fraction = fraction
+        self.show_up = dict(show_up) if show_up is not None else None
+        self.last_present: list[int] | None = None
 
     def sample(self, server_round: int, cooperative_ids: Iterable[int]) -> list[int]:
         ids = sorted(cooperative_ids)
+        if self.show_up is not None:
+            draws = np.random.default_rng([self.seed, server_round, 0x5E0]).random(len(ids))
+            present = [c for c, u in zip(ids, draws) if u < self.show_up.get(c, 1.0)]
+            ids = present or [max(ids, key=lambda c: (self.show_up.get(c, 1.0), -c))]
+            self.last_present = ids
         size = cohort_size(self.fraction, len(ids))
         if size >= len(ids):
             return ids
         rng = np.random.default_rng([self.seed, server_round])
         return sorted(int(i) for i in rng.choice(ids, size=size, replace=False))
+
+
+def show_up_probabilities(participation: ParticipationConfig, sizes: Mapping[int, float]) -> dict[int, float] | None:
+    """Each member's probability of showing up in a round (None: ``always``, everyone is there).
+
+    ``turnout``: the same for all. ``size``: proportional to size ** ``size_exponent``, capped at
+    1, with the factor chosen (by bisection) so that the mean probability is ``turnout``.
+    """
+    if participation.model == "always":
+        return None
+    ids = sorted(sizes)
+    if participation.model == "turnout" or participation.size_exponent == 0:
+        return {c: participation.turnout for c in ids}
+    raw = np.array([float(sizes[c]) for c in ids])
+    mean = raw.mean()
+    relative = (raw / mean) ** participation.size_exponent if mean > 0 else np.ones_like(raw)
+    target = participation.turnout
+    if np.count_nonzero(relative) < target * len(ids):  # too few non-empty members to reach the turnout
+        return {c: (1.0 if r > 0 else 0.0) for c, r in zip(ids, relative)}
+    low, high = 0.0, 1.0
+    while np.minimum(1.0, high * relative).mean() < target:
+        high *= 2.0
+    for _ in range(100):
+        mid = 0.5 * (low + high)
+        low, high = (mid, high) if np.minimum(1.0, mid * relative).mean() < target else (low, mid)
+    return {c: float(min(1.0, high * r)) for c, r in zip(ids, relative)}
+
+
+def cohort_sampler(cfg: Config, sizes: Mapping[int, float]) -> CohortSampler:
+    """The run's sampler: ``strategy.fraction_train`` of the members ``participation`` brings to a round."""
+    return CohortSampler(seed=cfg.seed, fraction=cfg.strategy.fraction_train,
+                         show_up=show_up_probabilities(cfg.participation, sizes))
+
+
+AUTO_EVALUATE_UP_TO = 100  # cooperatives: train.evaluate_every = 0 evaluates every round up to here
+AUTO_EVALUATE_EVERY = 5  # ... and every this many rounds beyond
+
+
+def evaluation_interval(every: int, cooperatives: int) -> int:
+    """``train.evaluate_every`` resolved: 0 means every round for small federations, every 5 for large ones."""
+    if every > 0:
+        return every
+    return 1 if cooperatives <= AUTO_EVALUATE_UP_TO else AUTO_EVALUATE_EVERY
+
+
+def evaluates_cooperatives(server_round: int, *, every: int, last_round: int) -> bool:
+    """Whether the cooperatives evaluate the global model on their local test splits after this round.
+
+    Every ``every`` rounds (``train.evaluate_every``, resolved by ``evaluation_interval``) and
+    always after the last, so that a run's final fairness figures are measured however
+    sparse the schedule.
+    """
+    return every <= 1 or server_round % every == 0 or server_round >= last_round
 
 
 def training_seed(seed: int, server_round: int, cooperative: int) -> int:

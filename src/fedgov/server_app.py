@@ -33,7 +33,8 @@ from .models import build_model, count_parameters
 from .results import atomic_write_bytes, new_run_dir
 from .run_record import Checkpoint, RunRecord, mechanism
 from .mechanisms import ServerSide, active
-from .strategies import CohortSampler, RoundRecorder, build_strategy
+from .sampling import cohort_sampler, evaluation_interval
+from .strategies import RoundRecorder, build_strategy
 from .task import evaluate, resolve_device
 
 __all__ = ["app", "build_server_app", "run_federation", "FederationError"]
@@ -152,8 +153,9 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, *,
         strategy = m.wrap_strategy(strategy, side)
         wrapped.append((m, strategy))
     recorder = RoundRecorder(strategy, node_to_cooperative=node_to_coop,
-                             sampler=CohortSampler(seed=cfg.seed, fraction=cfg.strategy.fraction_train),
-                             round_offset=done, meter=meter)
+                             sampler=cohort_sampler(cfg, {c: s["num_train"] for c, s in coop_stats.items()}),
+                             round_offset=done, meter=meter, last_round=cfg.train.rounds,
+                             evaluate_every=evaluation_interval(cfg.train.evaluate_every, len(coop_stats)))
     latest = {"arrays": initial_arrays}
 
     def global_metrics(arrays: ArrayRecord) -> tuple[float, float]:
@@ -255,9 +257,14 @@ def _ground_truth(cfg: Config, federation: Any) -> dict[str, Any]:
                                  cooperatives=cfg.attack.cooperatives, seed=cfg.seed)
     per_cooperative: dict[str, dict[int, Any]] = {"malicious": {c: c in attackers for c in
                                                                range(federation.num_cooperatives)}}
+    if federation.has_sybils:  # who is really behind each identity
+        per_cooperative["actor"] = {c: federation.actor_of(c) for c in range(federation.num_cooperatives)}
     if cfg.heterogeneity.compute != "off":
         per_cooperative["compute_speed"] = {c: float(v) for c, v in enumerate(speeds)}
-    return {"attackers": attackers, "per_cooperative": per_cooperative}
+    truth: dict[str, Any] = {"attackers": attackers, "per_cooperative": per_cooperative}
+    if federation.has_sybils:
+        truth["actors"] = {c: federation.actor_of(c) for c in range(federation.num_cooperatives)}
+    return truth
 
 
 def _attack_probe(cfg: Config, federation: Any, model: torch.nn.Module, device: torch.device

@@ -17,6 +17,7 @@ from typing import Any
 from .cli import ArgumentParser, fail
 from .client_errors import clean_reason
 from .config import Config, ConfigError, load_config, read_config
+from .data import build_federation
 from .decryption import extra_nodes
 from .preflight import PreflightError, preflight
 from .results import new_run_dir, read_json, read_jsonl
@@ -48,7 +49,13 @@ class _HideRunSimulationDeprecation(logging.Filter):
 
 
 def backend_config(cfg: Config, *, verbose: bool = False) -> dict[str, Any]:
-    """Ray resources: each simulated cooperative gets CPUs and, on CUDA, a GPU fraction."""
+    """Ray resources: each simulated cooperative gets CPUs and, on CUDA, a GPU fraction.
+
+    Ray is told where to run: ``runtime.ray_address`` when set, else ``local``, a new
+    instance of fedgov's own. Left to itself, ``ray.init`` would attach to whatever cluster
+    ``RAY_ADDRESS`` or the last ``ray start`` recorded in Ray's temp folder names, and wait
+    minutes for a head node that may have died long ago.
+    """
     import torch
 
     use_cuda = cfg.runtime.device == "cuda" or (cfg.runtime.device == "auto" and torch.cuda.is_available())
@@ -57,7 +64,8 @@ def backend_config(cfg: Config, *, verbose: bool = False) -> dict[str, Any]:
             "num_cpus": cfg.runtime.client_cpus,
             "num_gpus": cfg.runtime.client_gpu_fraction if use_cuda else 0.0,
         },
-        "init_args": {"logging_level": "ERROR", "log_to_driver": verbose, "include_dashboard": False},
+        "init_args": {"address": cfg.runtime.ray_address or "local", "logging_level": "ERROR",
+                      "log_to_driver": verbose, "include_dashboard": False},
     }
 
 
@@ -84,7 +92,8 @@ def simulate(cfg: Config, run_dir: Path, *, show_progress: bool = True, verbose:
         run_simulation(
             server_app=build_server_app(cfg, run_dir, on_round=progress.update),
             client_app=build_client_app(cfg),
-            num_supernodes=cfg.data.num_cooperatives + extra_nodes(cfg),  # + the custodian, a node of its own
+            # One node per identity (sybils included), + the custodian, a node of its own.
+            num_supernodes=build_federation(cfg.data, seed=cfg.seed).num_cooperatives + extra_nodes(cfg),
             backend_config=backend_config(cfg, verbose=verbose),
             verbose_logging=verbose,
         )

@@ -54,7 +54,7 @@ def test_secagg_masking_cohort_recovers_the_weighted_average():
 
 
 def test_suite_definitions_load_and_quick_only_shrinks_known_keys(tmp_path):
-    for name in ("aggregation", "dp_training", "round", "realtime"):
+    for name in ("aggregation", "dp_training", "round", "realtime", "scale"):
         full = load_suite_spec(SUITES_DIR, name, quick=False)
         quick = load_suite_spec(SUITES_DIR, name, quick=True)
         assert full["name"] == quick["name"] == name and set(quick) == set(full)
@@ -110,8 +110,9 @@ def test_bad_device_and_bad_suite_file_exit_2_with_one_line(tmp_path):
 @pytest.mark.timeout(900)
 def test_quick_benchmark_writes_results_report_and_verdicts(tmp_path):
     out = tmp_path / "bench"
-    proc = subprocess.run([sys.executable, "-m", "fedgov.bench", "--quick", "--device", "cpu", "--out", str(out)],
-                          capture_output=True, text=True, timeout=900, cwd=ROOT)
+    suites = [arg for name in ("aggregation", "dp_training", "round", "realtime") for arg in ("--suite", name)]
+    proc = subprocess.run([sys.executable, "-m", "fedgov.bench", "--quick", "--device", "cpu", *suites,
+                           "--out", str(out)], capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == str(out)
     results = json.loads((out / "results.json").read_text())
@@ -374,3 +375,53 @@ def test_gpu_check_script_parses_and_refuses_a_machine_without_cuda(tmp_path):
     proc = subprocess.run(["bash", str(script), str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHON": sys.executable, "DEVICE": "cuda"})
     assert proc.returncode == 2 and "no CUDA device" in proc.stderr and not (tmp_path / "out").exists()
+
+
+# ---- scale: whole commands, every process's memory, targets -------------------------------------
+
+def test_run_measured_counts_the_memory_of_every_process_the_command_starts():
+    from fedgov.bench.processes import run_measured
+
+    # A child that holds ~200 MB while its parent holds little: only the sum over both sees it.
+    script = ("import subprocess, sys; subprocess.run([sys.executable, '-c', "
+              "'import time; x = bytearray(200 * 2**20); x[::4096] = b\"1\" * len(x[::4096]); time.sleep(1.5)'])")
+    measured = run_measured([sys.executable, "-c", script], interval=0.1)
+    assert measured.returncode == 0 and measured.wall_seconds >= 1.5
+    if measured.peak_rss_bytes is not None:  # a machine with /proc
+        assert measured.peak_rss_bytes > 200 * 2**20 and measured.peak_processes >= 2
+
+
+def test_scale_verdicts_and_report():
+    from fedgov.bench.suites import scale
+
+    ok = {"kind": "scale", "status": "ok", "dataset": "synthetic", "rounds": 20, "sampled_per_round": 50,
+          "wall_seconds": 70.0, "floor_wall_seconds": 20.0, "floor_ratio": 3.5, "startup_seconds": 10.0,
+          "round_seconds_median": 3.0, "evaluate_seconds": 5.0, "peak_memory_bytes": 3e9, "peak_processes": 9,
+          "final_accuracy": 0.5, "floor_final_accuracy": 0.5, "floor_peak_memory_bytes": 1e9}
+    rows = [{**ok, "members": 1000}, {"kind": "scale", "members": 10000, "status": "failed", "dataset": "synthetic",
+                                       "rounds": 5, "error": "fedgov.simulate exited 1: boom"}]
+    verdicts = {(v["members"], v["target"]): v for v in scale.verdicts(rows)}
+    assert verdicts[(1000, "wall_seconds")]["verdict"] == "misses" and verdicts[(1000, "wall_seconds")]["value"] == 70
+    assert verdicts[(1000, "floor_ratio")]["verdict"] == "misses"
+    assert verdicts[(10000, "peak_memory_gb")]["verdict"] == "unknown"
+    text = scale.report(rows + list(verdicts.values()))
+    assert "| 1,000 | synthetic | 20 | 50 | 70.0 | 20.0 | 3.50 |" in text and "failed: fedgov.simulate exited 1" in text
+    assert scale.case_settings(10, rounds=20, fraction=1.0, dataset="digits", examples_per_member=40,
+                               device="cpu") == {"seed": 0, "train.rounds": 20, "data.num_cooperatives": 10,
+                                                 "strategy.fraction_train": 1.0, "runtime.device": "cpu"}
+
+
+@pytest.mark.slow
+def test_scale_measures_a_small_federation_and_its_floor(tmp_path):
+    from fedgov.bench.suites import scale
+
+    sets = scale.case_settings(20, rounds=2, fraction=0.25, dataset="synthetic", examples_per_member=40, device="cpu")
+    row = scale.measure_size(20, sets, tmp_path, timeout=300)
+    assert row["status"] == "ok", row
+    assert row["sampled_per_round"] == 5 and row["floor_final_accuracy"] == pytest.approx(row["final_accuracy"])
+    assert row["wall_seconds"] > row["rounds_seconds"] > 0 and row["startup_seconds"] > 0
+    assert row["floor_ratio"] == pytest.approx(row["wall_seconds"] / row["floor_wall_seconds"])
+    if row["peak_memory_bytes"] is not None:  # Ray's processes counted: more than the floor's one process
+        assert row["peak_processes"] > 2 and row["peak_memory_bytes"] > row["floor_peak_memory_bytes"]
+    paths = scale.figures([row], tmp_path)
+    assert paths and paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

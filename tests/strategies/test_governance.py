@@ -165,3 +165,35 @@ def test_equal_weighting_has_a_larger_nakamoto_coefficient_on_the_powerlaw_parti
     equal = influence(policy_weights("equal", sizes))
     assert equal["nakamoto"] > samples["nakamoto"]
     assert samples["max_weight"] > 2 / len(sizes)  # a whale: more than twice its equal share
+
+
+def test_the_similarity_defense_down_weights_near_copies_and_spares_the_distinct():
+    """Three near-copies of one update (sybils of one actor) against three distinct ones, equal weights."""
+    nodes = {701 + i: i for i in range(6)}
+    rng = np.random.default_rng(0)
+    base = {"w": rng.normal(size=(2, 3)), "b": rng.normal(size=3)}
+    updates = {c: {k: rng.normal(size=v.shape) for k, v in base.items()} for c in range(3)}
+    updates.update({c: {k: v + 0.01 * rng.normal(size=v.shape) for k, v in base.items()} for c in (3, 4, 5)})
+    inner = flwr_strategy.FedAvg(fraction_train=1.0, min_train_nodes=1, min_available_nodes=1,
+                                 weighted_by_key=WEIGHT_KEY)
+    strategy = GovernedAggregation(inner, policy="equal", cap=0.5, node_to_cooperative=nodes, archive=None,
+                                   set_weights=True, max_update_norm=100.0, clip_update_norm=0.0,
+                                   similarity_defense=True)
+    messages = list(strategy.configure_train(1, _global(), ConfigRecord(), FakeGrid(nodes)))
+    replies = [_reply(m, nodes[m.metadata.dst_node_id],
+                      {k: v.astype(np.float32) for k, v in updates[nodes[m.metadata.dst_node_id]].items()}, size=10)
+               for m in messages]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    weights, similarity = strategy.last["weights"], strategy.last["similarity"]
+    assert sum(weights.values()) == pytest.approx(1.0)
+    assert all(similarity[c] > 0.99 for c in (3, 4, 5)) and all(similarity[c] < 0.9 for c in (0, 1, 2))
+    assert sum(weights[c] for c in (3, 4, 5)) < 0.05  # together the near-copies hold almost nothing
+    assert max(weights[c] for c in (0, 1, 2)) == pytest.approx(max(weights.values()))
+    expected = sum(weights[c] * updates[c]["w"] for c in range(6))  # the model is aggregated with those weights
+    assert np.allclose(arrays["w"].numpy(), expected, atol=1e-5)
+    # Without the defense the same round gives each of the six a sixth.
+    plain = _governed(policy="equal")
+    plain.node_to_cooperative = nodes
+    plain.configure_train(1, _global(), ConfigRecord(), FakeGrid(nodes))
+    plain.aggregate_train(1, replies)
+    assert all(w == pytest.approx(1 / 6) for w in plain.last["weights"].values()) and not plain.last["similarity"]

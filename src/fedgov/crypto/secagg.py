@@ -120,13 +120,15 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from ..client_errors import failure_of
 from ..traffic import SECAGG_VERIFY_RECORD, content_bytes
 from ..config import cohort_size, secagg_cohort_problem
+from ..sampling import evaluates_cooperatives, evaluation_interval
 
 if TYPE_CHECKING:
     from flwr.serverapp import Grid
 
     from ..config import Config
     from ..run_record import RunRecord
-    from ..strategies.recorder import CohortSampler, RoundLog
+    from ..sampling import CohortSampler
+    from ..strategies.recorder import RoundLog
 
 __all__ = [
     "MODULUS_RANGE",
@@ -497,7 +499,9 @@ def run_secagg_rounds(grid: Grid, cfg: Config, *, initial_arrays: ArrayRecord, n
         started = time.perf_counter()
         config = ConfigRecord({"server-round": log.round})
         messages = [Message(content=RecordDict({"arrays": arrays, "config": config}), message_type=MessageType.EVALUATE,
-                            dst_node_id=node, group_id=str(log.round)) for node in sorted(tracker.node_to_cooperative)]
+                            dst_node_id=node, group_id=str(log.round)) for node in sorted(tracker.node_to_cooperative)
+                    if evaluates_cooperatives(log.round, last_round=cfg.train.rounds, every=evaluation_interval(
+                        cfg.train.evaluate_every, len(tracker.node_to_cooperative)))]
         for reply in grid.send_and_receive(messages, timeout=TIMEOUT_SECONDS):
             if not reply.has_error():
                 coop = tracker.cooperative(reply.metadata.src_node_id)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from fedgov.config import DataConfig
-from fedgov.data.datasets import LoadedData, largest_remainder, load_dataset, standardize
+from fedgov.data.datasets import DataError, LoadedData, largest_remainder, load_dataset, standardize
 from fedgov.data.partition import partition_indices
 
 __all__ = ["Split", "Cooperative", "Federation", "build_federation", "clear_cache",
@@ -77,10 +77,19 @@ class Federation:
     class_names: tuple[str, ...]
     global_test: Split
     cooperatives: list[Cooperative]
+    # The actor behind each cooperative (simulation ground truth): its own id, except for sybils.
+    actors: tuple[int, ...] = ()
 
     @property
     def num_cooperatives(self) -> int:
         return len(self.cooperatives)
+
+    def actor_of(self, cooperative: int) -> int:
+        return self.actors[cooperative] if self.actors else cooperative
+
+    @property
+    def has_sybils(self) -> bool:
+        return any(a != c for c, a in enumerate(self.actors))
 
 
 # ---- splitting helpers --------------------------------------------------------------
@@ -184,11 +193,52 @@ def _build(cfg: DataConfig, seed: int) -> Federation:
             log.warning("%d natural cooperatives train on fewer than data.min_examples = %d "
                         "examples (e.g. %s)", len(small), cfg.min_examples, small[0])
 
+    actors = tuple(range(len(cooperatives)))
+    if cfg.sybil_identities > 0:
+        cooperatives, actors = _add_sybils(cooperatives, cfg, x, data.y, np.random.default_rng([seed, 0x5B11]))
+
     return Federation(
         dataset=data.name, partition=cfg.partition, seed=seed, num_classes=data.num_classes,
         input_shape=data.image_shape or (data.num_features,), num_features=data.num_features,
         class_names=data.class_names, global_test=_split(x, data.y, global_test),
-        cooperatives=cooperatives)
+        cooperatives=cooperatives, actors=actors)
+
+
+def _add_sybils(cooperatives: list[Cooperative], cfg: DataConfig, x: np.ndarray, y: np.ndarray,
+                rng: np.random.Generator) -> tuple[list[Cooperative], tuple[int, ...]]:
+    """One actor registers ``sybil_identities`` more identities, appended after the cooperatives.
+
+    ``split`` deals the actor's train and test rows (a seeded shuffle) across itself and its
+    identities; ``copies`` gives each identity the actor's rows. The identities are named like
+    any cooperative: nothing but the ground truth (``actors``) says who is behind them.
+    """
+    k = cfg.sybil_identities
+    if cfg.sybil_actor >= len(cooperatives):
+        raise DataError(f"data.sybil_actor: {cfg.sybil_actor} is not a cooperative "
+                        f"(ids are 0..{len(cooperatives) - 1})")
+    actor = cfg.sybil_actor if cfg.sybil_actor >= 0 else max(
+        range(len(cooperatives)), key=lambda c: (len(cooperatives[c].train), -c))
+    owner = cooperatives[actor]
+    if cfg.sybil_mode == "split":
+        if len(owner.train) < (k + 1) * cfg.min_examples or len(owner.test) < k + 1:
+            raise DataError(f"data.sybil_identities: cooperative {actor} ({len(owner.train)} train and "
+                            f"{len(owner.test)} local test examples) cannot be split into {k + 1} identities of at "
+                            f"least data.min_examples = {cfg.min_examples} training examples and 1 test example")
+        train_parts = np.array_split(rng.permutation(owner.train.index), k + 1)
+        test_parts = np.array_split(rng.permutation(owner.test.index), k + 1)
+    else:
+        train_parts = [owner.train.index] * (k + 1)
+        test_parts = [owner.test.index] * (k + 1)
+    out = list(cooperatives)
+
+    def identity(cid: int, name: str, part: int) -> Cooperative:
+        return Cooperative(id=cid, name=name, train=_split(x, y, np.sort(train_parts[part])),
+                           test=_split(x, y, np.sort(test_parts[part])), num_classes=owner.num_classes)
+
+    out[actor] = identity(actor, owner.name, 0)
+    first = len(cooperatives)
+    out += [identity(first + j, f"coop-{first + j}", j + 1) for j in range(k)]
+    return out, tuple(range(first)) + (actor,) * k
 
 
 def _file_stamp(cfg: DataConfig) -> tuple[int, int] | None:

@@ -20,6 +20,8 @@ def note_governance(log: Any, measured: dict[str, Any]) -> None:
     log.update_digests = dict(measured.get("digests", {}))
     if measured.get("clipped"):
         log.extra["clipped_updates"] = list(measured["clipped"])
+    if measured.get("similarity"):  # governance.similarity_defense: each update's highest cosine to another
+        log.extra["update_similarity"] = {str(c): v for c, v in sorted(measured["similarity"].items())}
 
 
 @register

@@ -60,4 +60,5 @@ def govern(strategy: flwr_strategy.Strategy, cfg: Config, *, node_to_cooperative
     g = cfg.governance
     return GovernedAggregation(strategy, policy=g.weighting, cap=g.cap, max_update_norm=g.max_update_norm,
                                clip_update_norm=g.clip_update_norm, node_to_cooperative=node_to_cooperative,
-                               archive=archive, set_weights=cfg.privacy.dp != "user")
+                               archive=archive, set_weights=cfg.privacy.dp != "user",
+                               similarity_defense=g.similarity_defense)

@@ -9,7 +9,9 @@ Between the replies and the wrapped Flower strategy (FedAvg, Krum, median, ...):
 2. **Weights follow the governance policy** (``fedgov.governance.weighting``): the
    aggregator computes them from each cooperative's *claimed* size and writes them into
    the reply under ``WEIGHT_KEY``, which the inner strategy weights by.
-3. **Optional defense**: each update's change is clipped to ``governance.clip_update_norm``.
+3. **Optional defenses**: each update's change is clipped to ``governance.clip_update_norm``;
+   with ``governance.similarity_defense`` (against sybils, FoolsGold-style) each weight is
+   scaled by 1 minus the update's highest cosine similarity to another update of the round.
 4. **Accountability**: the digest of every accepted update (as received, before clipping)
    goes to the audit log, and the update itself to the run's archive.
 """
@@ -71,8 +73,9 @@ def policy_weight_map(policy: str, claimed: dict[int, float], *, cap: float) -> 
 class GovernedAggregation(Strategy):
     def __init__(self, inner: Strategy, *, policy: str, cap: float, max_update_norm: float,
                  clip_update_norm: float, node_to_cooperative: dict[int, int],
-                 archive: UpdateArchive | None, set_weights: bool) -> None:
+                 archive: UpdateArchive | None, set_weights: bool, similarity_defense: bool = False) -> None:
         self.inner = inner
+        self.similarity_defense = similarity_defense
         self.policy = policy
         self.cap = cap
         self.max_update_norm = max_update_norm
@@ -105,6 +108,26 @@ class GovernedAggregation(Strategy):
             k: Array((self._reference[k] + scale * d).astype(arrays[k].numpy().dtype)) for k, d in delta.items()})
         return True
 
+    def _down_weight_similar(self, accepted: list[Message], weights: dict[int, float]
+                             ) -> tuple[dict[int, float], dict[int, float]]:
+        """FoolsGold-style: weight x (1 - highest cosine similarity to another update), rescaled so the
+        least similar update keeps its full weight; returns the new weights and each one's similarity."""
+        coops = [self.node_to_cooperative.get(r.metadata.src_node_id, -1) for r in accepted]
+        deltas = np.stack([np.concatenate([(r.content["arrays"][k].numpy().astype(np.float64) - ref).ravel()
+                                           for k, ref in self._reference.items()]) for r in accepted])
+        norms = np.linalg.norm(deltas, axis=1)
+        unit = deltas / np.where(norms > 0, norms, 1.0)[:, None]
+        cosine = unit @ unit.T
+        np.fill_diagonal(cosine, -np.inf)
+        highest = np.clip(cosine.max(axis=1), 0.0, 1.0)
+        keep = 1.0 - highest
+        keep = keep / keep.max() if keep.max() > 0 else np.ones_like(keep)  # all identical: no one to favour
+        scaled = {c: weights[c] * float(m) for c, m in zip(coops, keep)}
+        total = sum(scaled.values())
+        if total <= 0:
+            return weights, {c: float(h) for c, h in zip(coops, highest)}
+        return {c: w / total for c, w in scaled.items()}, {c: float(h) for c, h in zip(coops, highest)}
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         accepted: list[Message] = []
@@ -135,11 +158,15 @@ class GovernedAggregation(Strategy):
                 clipped.append(coop)
             accepted.append(reply)
         weights = policy_weight_map(self.policy if self.set_weights else "equal", claimed, cap=self.cap)
+        similarity: dict[int, float] = {}
+        if self.similarity_defense and len(accepted) > 1:
+            weights, similarity = self._down_weight_similar(accepted, weights)
         if self.set_weights:
             for reply in accepted:
                 coop = self.node_to_cooperative.get(reply.metadata.src_node_id, -1)
                 reply.content["metrics"][WEIGHT_KEY] = weights[coop]
-        self.last = {"rejected": rejected, "digests": digests, "weights": weights, "clipped": clipped}
+        self.last = {"rejected": rejected, "digests": digests, "weights": weights, "clipped": clipped,
+                     "similarity": similarity}
         if not accepted:
             return None, None
         return self.inner.aggregate_train(server_round, accepted)

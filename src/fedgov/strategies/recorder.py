@@ -19,7 +19,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from ..client_errors import failure_of
-from ..sampling import CohortSampler
+from ..sampling import CohortSampler, evaluates_cooperatives
 from ..traffic import TrafficMeter
 
 __all__ = ["CohortSampler", "RoundRecorder", "RoundLog"]
@@ -75,8 +75,11 @@ class RoundRecorder(Strategy):
     """Wraps a Flower strategy; see the module docstring."""
 
     def __init__(self, inner: Strategy, *, node_to_cooperative: dict[int, int],
-                 sampler: CohortSampler, round_offset: int = 0, meter: TrafficMeter | None = None) -> None:
+                 sampler: CohortSampler, round_offset: int = 0, meter: TrafficMeter | None = None,
+                 evaluate_every: int = 1, last_round: int = 0) -> None:
         self.inner = inner
+        self.evaluate_every = evaluate_every
+        self.last_round = last_round
         self.meter = meter
         self.node_to_cooperative = dict(node_to_cooperative)
         self.cooperative_to_node = {c: n for n, c in self.node_to_cooperative.items()}
@@ -115,6 +118,8 @@ class RoundRecorder(Strategy):
             self.meter.take()  # the round starts here: count its messages from zero
         self.current = RoundLog(round=server_round, sampled=sampled, started=started,
                                 bytes_down=sum(_payload_bytes(m) for m in messages))
+        if self.sampler.last_present is not None:  # participation: who showed up, before the server sampled
+            self.current.extra["present"] = list(self.sampler.last_present)
         self._phase_start = time.perf_counter()
         return messages
 
@@ -141,9 +146,12 @@ class RoundRecorder(Strategy):
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         self._phase_start = time.perf_counter()
+        server_round += self.round_offset
+        if not evaluates_cooperatives(server_round, every=self.evaluate_every, last_round=self.last_round):
+            return []  # not this round (train.evaluate_every): no message is sent
         # Every cooperative evaluates; other nodes (the custodian) are not shown to the inner strategy.
         cooperatives = _NodeSubsetGrid(grid, sorted(self.cooperative_to_node.values()))
-        return self.inner.configure_evaluate(server_round + self.round_offset, arrays, config, cooperatives)
+        return self.inner.configure_evaluate(server_round, arrays, config, cooperatives)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         server_round += self.round_offset
@@ -156,7 +164,7 @@ class RoundRecorder(Strategy):
             else:
                 log.client_eval[self._cooperative_of(reply)] = self._metrics_of(reply)
         log.seconds_evaluate = time.perf_counter() - self._phase_start
-        result = self.inner.aggregate_evaluate(server_round, replies)
+        result = self.inner.aggregate_evaluate(server_round, replies) if replies else None
         if self.meter is not None:  # the round's last message: train, decryption and evaluation, counted alike
             log.bytes_by_stage = self.meter.take()
             log.bytes_up = sum(s["up"] for s in log.bytes_by_stage.values())

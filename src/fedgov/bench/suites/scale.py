@@ -1,0 +1,185 @@
+"""Suite ``scale``: how wall time and memory grow with the number of members, beside the engine-free floor.
+
+Each size runs ``python -m fedgov.simulate`` in its own process (10 members: the default
+run, digits; more: synthetic data split IID, a fraction sampled per round) and the same
+rounds with ``python -m fedgov.floor`` (fedgov's own training and evaluation code in one
+process, without Flower). Both are timed whole, from the command's start to its exit, and
+their peak memory is the highest sum of resident memory over every process the command
+started (Ray's included, ``fedgov.bench.processes``). ``startup`` is the simulation's wall
+time outside its rounds (Python and Ray start-up, the nodes joining, discovery, the
+summary). Each size is checked against the targets in ``TARGETS``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from ...results import read_json, read_jsonl
+from ..core import BenchContext, fmt
+from ..processes import run_measured
+
+# members -> {measure: limit}: wall seconds, the ratio of wall time to the floor's, peak memory (GB).
+TARGETS: dict[int, dict[str, float]] = {
+    10: {"floor_ratio": 2.0},
+    1000: {"wall_seconds": 60.0, "floor_ratio": 3.0},
+    10000: {"wall_seconds": 600.0, "peak_memory_gb": 8.0},
+}
+
+
+def case_settings(members: int, *, rounds: int, fraction: float, dataset: str, examples_per_member: int,
+                  device: str) -> dict[str, Any]:
+    """The ``--set`` overrides of one size (the default run's config for digits)."""
+    sets: dict[str, Any] = {"seed": 0, "train.rounds": rounds, "data.num_cooperatives": members,
+                            "strategy.fraction_train": fraction, "runtime.device": device}
+    if dataset != "digits":
+        sets.update({"data.dataset": dataset, "data.partition": "iid",
+                     "data.synthetic_samples": members * examples_per_member})
+    return sets
+
+
+def _command(module: str, sets: dict[str, Any], *extra: str) -> list[str]:
+    argv = [sys.executable, "-m", module, *extra]
+    for key, value in sets.items():
+        argv += ["--set", f"{key}={value}"]
+    return argv
+
+
+def _failure(measured: Any, what: str) -> str:
+    tail = (measured.stderr.strip().splitlines() or ["no output"])[-1]
+    return f"{what} exited {measured.returncode}: {tail}"
+
+
+def measure_size(members: int, sets: dict[str, Any], work: Path, *, timeout: float) -> dict[str, Any]:
+    """One size: the simulation and its floor, each timed and metered whole."""
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    row: dict[str, Any] = {"kind": "scale", "members": members, "rounds": sets["train.rounds"],
+                           "fraction": sets["strategy.fraction_train"], "dataset": sets.get("data.dataset", "digits")}
+    sim = run_measured(_command("fedgov.simulate", sets, "--no-progress", "--out", str(work / f"{members}")),
+                       env=env, timeout=timeout)
+    run_dir = Path(sim.stdout.strip().splitlines()[-1]) if sim.stdout.strip() else None
+    if sim.returncode != 0 or run_dir is None or not (run_dir / "metrics.jsonl").is_file():
+        return {**row, "status": "failed", "error": _failure(sim, "fedgov.simulate")}
+    rounds = read_jsonl(run_dir / "metrics.jsonl")
+    summary = read_json(run_dir / "summary.json")
+    floor_file = work / f"{members}-floor.json"
+    floor = run_measured(_command("fedgov.floor", sets, "--out", str(floor_file)), env=env, timeout=timeout)
+    if floor.returncode != 0 or not floor_file.is_file():
+        return {**row, "status": "failed", "error": _failure(floor, "fedgov.floor")}
+    floor_rows = json.loads(floor_file.read_text())["rows"]
+    round_seconds = [r["seconds"] for r in rounds]
+    phase = lambda rows, name: sum(r["phase_seconds"].get(name, 0.0) for r in rows)  # noqa: E731
+    row.update({
+        "status": "ok",
+        "sampled_per_round": statistics.median(len(r["sampled"]) for r in rounds),
+        "wall_seconds": sim.wall_seconds,
+        "federation_seconds": summary["wall_seconds"],
+        "rounds_seconds": sum(round_seconds),
+        "startup_seconds": sim.wall_seconds - sum(round_seconds),
+        "round_seconds_median": statistics.median(round_seconds),
+        "train_seconds": phase(rounds, "train"), "aggregate_seconds": phase(rounds, "aggregate"),
+        "evaluate_seconds": phase(rounds, "evaluate"),
+        "peak_memory_bytes": sim.peak_rss_bytes, "peak_processes": sim.peak_processes,
+        "final_accuracy": summary["final_accuracy"],
+        "floor_wall_seconds": floor.wall_seconds,
+        "floor_rounds_seconds": sum(r["seconds"] for r in floor_rows),
+        "floor_train_seconds": phase(floor_rows, "train"), "floor_evaluate_seconds": phase(floor_rows, "evaluate"),
+        "floor_peak_memory_bytes": floor.peak_rss_bytes,
+        "floor_final_accuracy": floor_rows[-1]["accuracy"],
+    })
+    row["floor_ratio"] = row["wall_seconds"] / row["floor_wall_seconds"]
+    return row
+
+
+def verdicts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One ``target`` row per measure in ``TARGETS`` whose size was measured."""
+    out = []
+    for r in rows:
+        for measure, limit in TARGETS.get(r["members"], {}).items():
+            if r.get("status") != "ok":
+                value = None
+            elif measure == "peak_memory_gb":
+                value = r["peak_memory_bytes"] / 1e9 if r.get("peak_memory_bytes") is not None else None
+            else:
+                value = r[measure]
+            out.append({"kind": "target", "members": r["members"], "target": measure, "limit": limit,
+                        "value": value, "verdict": "unknown" if value is None else
+                        ("meets" if value <= limit else "misses")})
+    return out
+
+
+def run(spec: dict[str, Any], ctx: BenchContext) -> list[dict[str, Any]]:
+    members = [int(m) for m in spec["members"]]
+    per_size = {key: list(spec[key]) for key in ("rounds", "fraction", "dataset")}
+    for key, values in per_size.items():
+        if len(values) != len(members):
+            raise ValueError(f"scale.{key}: {len(values)} values for {len(members)} sizes (scale.members)")
+    work = ctx.out / "work" / "scale"
+    rows = []
+    for i, m in enumerate(members):
+        sets = case_settings(m, rounds=int(per_size["rounds"][i]), fraction=float(per_size["fraction"][i]),
+                             dataset=str(per_size["dataset"][i]), device=ctx.device,
+                             examples_per_member=int(spec.get("examples_per_member", 40)))
+        ctx.step(f"{m} members: {sets['train.rounds']} rounds, {sets['strategy.fraction_train']:.0%} sampled")
+        rows.append(measure_size(m, sets, work, timeout=float(spec.get("timeout_seconds", 1800))))
+    return rows + verdicts(rows)
+
+
+def figures(rows: list[dict[str, Any]], out: Path) -> list[Path]:
+    from ...plots import _save, _style, plt
+
+    ok = [r for r in rows if r.get("kind") == "scale" and r.get("status") == "ok"]
+    if not ok:
+        return []
+    xs = [r["members"] for r in ok]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(xs, [r["wall_seconds"] for r in ok], "o-", label="simulation (whole command)")
+    left.plot(xs, [r["startup_seconds"] for r in ok], "s--", label="of which outside the rounds")
+    left.plot(xs, [r["floor_wall_seconds"] for r in ok], "^-", label="engine-free floor (whole command)")
+    left.set_ylabel("seconds")
+    right.plot(xs, [r["peak_memory_bytes"] / 1e9 for r in ok if r.get("peak_memory_bytes")], "o-",
+               label="simulation, all processes")
+    right.plot(xs, [r["floor_peak_memory_bytes"] / 1e9 for r in ok if r.get("floor_peak_memory_bytes")], "^-",
+               label="floor")
+    right.set_ylabel("peak resident memory (GB)")
+    for ax, title in ((left, "Wall time against members"), (right, "Peak memory against members")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("members (cooperatives)")
+        ax.set_title(title, fontweight="bold")
+        _style(ax)
+        ax.legend(fontsize="x-small", frameon=False)
+    fig.tight_layout()
+    return [_save(fig, out / "scale.png", dpi=120)]
+
+
+def report(rows: list[dict[str, Any]]) -> str:
+    sizes = [r for r in rows if r.get("kind") == "scale"]
+    if not sizes:
+        return "No scale measurements.\n"
+    lines = ["Whole-command wall time and peak memory (every process, Ray's included) against members, beside "
+             "the engine-free floor of the same rounds:", "",
+             "| members | data | rounds | sampled/round | wall s | floor s | x floor | outside rounds s | "
+             "s/round (median) | evaluate s (all rounds) | peak memory GB | processes | accuracy (floor) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sizes:
+        if r.get("status") != "ok":
+            lines.append(f"| {r['members']} | {r['dataset']} | {r['rounds']} | - | failed: {r.get('error')} "
+                         f"| | | | | | | | |")
+            continue
+        gb = lambda b: fmt(b / 1e9) if b else "-"  # noqa: E731
+        lines.append(f"| {r['members']:,} | {r['dataset']} | {r['rounds']} | {r['sampled_per_round']:g} | "
+                     f"{r['wall_seconds']:.1f} | {r['floor_wall_seconds']:.1f} | {r['floor_ratio']:.2f} | "
+                     f"{r['startup_seconds']:.1f} | {r['round_seconds_median']:.3f} | {r['evaluate_seconds']:.2f} | "
+                     f"{gb(r.get('peak_memory_bytes'))} | {r['peak_processes']} | "
+                     f"{r['final_accuracy']:.4f} ({r['floor_final_accuracy']:.4f}) |")
+    targets = [r for r in rows if r.get("kind") == "target"]
+    if targets:
+        lines += ["", "| members | target | limit | measured | verdict |", "|---|---|---|---|---|"]
+        for t in targets:
+            lines.append(f"| {t['members']:,} | {t['target']} | {t['limit']:g} | {fmt(t['value'])} | {t['verdict']} |")
+    return "\n".join(lines) + "\n"

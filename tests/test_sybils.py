@@ -1,0 +1,83 @@
+"""Sybils: one actor behind several identities, influence per actor, and the similarity defense."""
+
+import numpy as np
+import pytest
+
+from fedgov.config import ConfigError, load_config
+from fedgov.data import build_federation
+from fedgov.data.datasets import DataError
+
+
+def _federation(*sets: str):
+    cfg = load_config(None, list(sets))
+    return build_federation(cfg.data, seed=cfg.seed)
+
+
+def test_split_deals_the_actors_data_across_its_identities():
+    honest = _federation()
+    fed = _federation("data.sybil_identities=3")
+    actor = max(range(10), key=lambda c: len(honest.cooperatives[c].train))
+    assert fed.num_cooperatives == 13 and fed.actors == tuple(range(10)) + (actor,) * 3 and fed.has_sybils
+    identities = [fed.cooperatives[c] for c in (actor, 10, 11, 12)]
+    rows = np.concatenate([c.train.index for c in identities])
+    assert sorted(rows) == sorted(honest.cooperatives[actor].train.index)  # the same rows, dealt, none twice
+    test_rows = np.concatenate([c.test.index for c in identities])
+    assert sorted(test_rows) == sorted(honest.cooperatives[actor].test.index)
+    assert max(len(c.train) for c in identities) - min(len(c.train) for c in identities) <= 1
+    for c in range(10):  # everyone else is untouched
+        if c != actor:
+            assert np.array_equal(fed.cooperatives[c].train.index, honest.cooperatives[c].train.index)
+    assert [c.name for c in fed.cooperatives[10:]] == ["coop-10", "coop-11", "coop-12"]  # nothing gives them away
+    assert not honest.has_sybils and honest.actor_of(3) == 3
+
+
+def test_copies_and_a_chosen_actor():
+    fed = _federation("data.sybil_identities=2", "data.sybil_mode=copies", "data.sybil_actor=1")
+    assert fed.actors[-2:] == (1, 1)
+    for c in (10, 11):
+        assert np.array_equal(fed.cooperatives[c].train.index, fed.cooperatives[1].train.index)
+
+
+def test_an_actor_too_small_to_split_and_a_bad_actor_are_clear_errors():
+    with pytest.raises(DataError, match="data.sybil_identities"):
+        _federation("data.sybil_identities=40")
+    with pytest.raises(ConfigError, match="data.sybil_actor"):
+        load_config(None, ["data.sybil_identities=2", "data.sybil_actor=10"])
+    with pytest.raises(ConfigError, match="governance.similarity_defense"):
+        load_config(None, ["governance.similarity_defense=true", "secure.aggregation=he"])
+
+
+@pytest.mark.slow
+def test_a_whale_behind_several_identities_is_measured_as_one_actor_and_the_defense_cuts_it_down(tmp_path):
+    from conftest import run_dir_of, run_simulate
+    from fedgov.governance.weighting import influence
+    from fedgov.results import read_json, read_jsonl
+
+    def run(name, *extra):
+        return run_dir_of(run_simulate("--set", "data.sybil_identities=3", "--set", "governance.weighting=equal",
+                                       "--set", "train.rounds=3", "--set", "train.local_epochs=1", *extra,
+                                       "--out", str(tmp_path / name)))
+
+    plain, defended = run("plain"), run("defended", "--set", "governance.similarity_defense=true")
+    summary = read_json(plain / "summary.json")
+    actors = {str(c["id"]): str(c["actor"]) for c in summary["cooperatives"]}
+    assert len(actors) == 13 and len(set(actors.values())) == 10
+    whale = summary["influence"]["run_by_actor"]["top_member"]
+    assert [c for c, a in actors.items() if a == str(whale)] == [str(whale), "10", "11", "12"]
+
+    def actor_shares(run_dir):
+        totals = {}
+        for row in read_jsonl(run_dir / "metrics.jsonl"):
+            for c, w in row["weights"].items():
+                totals[actors[c]] = totals.get(actors[c], 0.0) + w
+        return {a: w / sum(totals.values()) for a, w in totals.items()}
+
+    shares = actor_shares(plain)
+    by_actor = summary["influence"]["run_by_actor"]
+    assert by_actor["members"] == 10 and by_actor["max_weight"] == pytest.approx(shares[str(whale)])
+    assert by_actor["nakamoto"] == influence(list(shares.values()))["nakamoto"]
+    assert shares[str(whale)] == pytest.approx(4 / 13)  # one member one vote: four identities, four votes
+    assert summary["influence"]["run"]["members"] == 13  # per identity, the whale looks like four members
+    rows = read_jsonl(defended / "metrics.jsonl")
+    assert all(set(r["update_similarity"]) == {str(c) for c in r["contributors"]} for r in rows)
+    assert actor_shares(defended)[str(whale)] < shares[str(whale)]
