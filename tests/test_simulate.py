@@ -34,6 +34,8 @@ def test_run_directory_holds_what_the_docs_promise(small_run):
         assert key in summary, key
     assert set(summary["versions"]) >= {"flwr", "torch", "opacus", "tenseal"}
     assert summary["rounds"] == 3
+    assert set(summary["startup_seconds"]) == {"before_nodes", "wait_for_nodes", "discovery"}
+    assert 0 < summary["startup_seconds"]["discovery"] < summary["wall_seconds"]
     assert summary["final_accuracy"] == rows[-1]["accuracy"]
     assert summary["run_id"] == small_run.name
     coops = summary["cooperatives"]

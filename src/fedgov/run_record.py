@@ -121,6 +121,9 @@ class RunRecord:
 
             self.central_dp = central_dp(cfg, cohort_size=cohort_size(cfg))
         self.resumed_from: int | None = None
+        # Server-side start-up before the first round: the ServerApp's own set-up, the nodes
+        # joining, discovery (fedgov.server_app); the engine's start before the ServerApp is not in it.
+        self.startup_seconds: dict[str, float] = {}
         atomic_write_text(self.run_dir / "config.toml", cfg.to_toml())
 
     @property
@@ -285,6 +288,7 @@ class RunRecord:
             "bytes_up": sum(r["bytes_up"] for r in self.rows),
             "bytes_down": sum(r["bytes_down"] for r in self.rows),
             "seconds_per_round": sum(r["seconds"] for r in self.rows) / rounds,
+            "startup_seconds": dict(self.startup_seconds),
             "bytes_per_round": sum(r["bytes_up"] + r["bytes_down"] for r in self.rows) / rounds,
             "cooperatives": cooperatives,
             "fairness": fairness(accuracies),

@@ -113,10 +113,13 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, *,
     device = resolve_device(cfg.runtime.device)
     torch.set_num_threads(1)
 
+    startup = {"before_nodes": time.perf_counter() - wall_start}
     nodes = _wait_for_nodes(grid, federation.num_cooperatives + extra_nodes(cfg), NODE_WAIT_SECONDS)
+    startup["wait_for_nodes"] = time.perf_counter() - wall_start - startup["before_nodes"]
     node_to_coop, coop_stats, custodian_node = discover_cooperatives(
         grid, nodes, timeout=NODE_WAIT_SECONDS, num_cooperatives=federation.num_cooperatives,
         expect_custodian=uses_custodian(cfg))
+    startup["discovery"] = time.perf_counter() - wall_start - startup["before_nodes"] - startup["wait_for_nodes"]
 
     model = build_model(cfg.model.name, input_shape=federation.input_shape,
                         num_classes=federation.num_classes, hidden=cfg.model.hidden, seed=cfg.seed)
@@ -130,6 +133,7 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, *,
     audit = open_audit(run_dir, cfg, cooperatives=coop_stats, resuming=checkpoint is not None)
     record = RunRecord(run_dir, cfg, cooperatives=coop_stats, num_parameters=count_parameters(model),
                        device=str(device), audit=audit, probe=probe, ground_truth=_ground_truth(cfg, federation))
+    record.startup_seconds = startup
     if checkpoint is not None:
         record.restore(checkpoint)
         initial_arrays = checkpoint.arrays
