@@ -321,8 +321,8 @@ class RunRecord:
         run = self._run_influence()
         if run is not None:
             block["run"] = run
-        actors = self.ground_truth.get("actors")
-        if actors and run is not None:  # sybils: who really holds the weight (simulation ground truth)
+        if run is not None:  # who really holds the weight: with sybils, per actor (simulation ground truth)
+            actors = self.ground_truth.get("actors") or {}
             block["run_by_actor"] = self._run_influence(actor_of={str(c): str(a) for c, a in actors.items()})
         applied = [r["applied_influence"] for r in self.rows if r.get("applied_influence")]
         if applied:  # HE: what the clients actually applied (known to the simulation, not the aggregator)
