@@ -100,3 +100,31 @@ def test_cli(tmp_path, capsys):
         plots.main(["experiment", str(tmp_path / "nowhere")])
     assert exited.value.code == 2
     assert "not an experiment folder" in capsys.readouterr().err
+
+
+def test_plot_frontier_one_point_per_policy_per_facet(tmp_path):
+    from fedgov.experiment.spec import ExperimentError, _plot_spec
+    from fedgov.plots import plot_frontier
+
+    lines = ["point,governance.weighting,data.sybil_identities,data.num_cooperatives,n,failed,"
+             "influence.run_by_actor.nakamoto_mean,influence.run_by_actor.nakamoto_ci95_low,"
+             "influence.run_by_actor.nakamoto_ci95_high,final_accuracy_mean,final_accuracy_ci95_low,"
+             "final_accuracy_ci95_high,fairness.worst_mean,fairness.worst_ci95_low,fairness.worst_ci95_high"]
+    for members in (100, 1000):
+        for sybils in (0, 9):
+            for i, policy in enumerate(("samples", "equal", "sqrt", "capped")):
+                lines.append(f"p,{policy},{sybils},{members},3,0,{i + 2 - sybils / 9},{i + 1},{i + 3},"
+                             f"{0.9 - 0.01 * i},{0.88 - 0.01 * i},{0.92 - 0.01 * i},{0.5 + 0.05 * i},0.45,0.7")
+    (tmp_path / "results.csv").write_text("\n".join(lines) + "\n")
+    grid = {"governance.weighting": ["samples", "equal", "sqrt", "capped"], "data.sybil_identities": [0, 9],
+            "data.num_cooperatives": [100, 1000]}
+    metrics = ("influence.run_by_actor.nakamoto", "final_accuracy", "fairness.worst")
+    raw = {"kind": "frontier", "x": "influence.run_by_actor.nakamoto", "y": ["final_accuracy", "fairness.worst"],
+           "point": "governance.weighting", "series": "data.sybil_identities", "facet": "data.num_cooperatives"}
+    spec = _plot_spec(raw, where="plot", grid=grid, metrics=metrics, title="frontier")
+    assert spec["facet"] == ["data.num_cooperatives"] and spec["kind"] == "frontier"
+    assert_png(plot_frontier(tmp_path / "results.csv", spec, tmp_path / "figure.png"))
+    with pytest.raises(ExperimentError, match="data.num_cooperatives"):  # an axis left out of the figure
+        _plot_spec({**raw, "facet": []}, where="plot", grid=grid, metrics=metrics, title="t")
+    with pytest.raises(ExperimentError, match="plot.x"):
+        _plot_spec({**raw, "x": "governance.weighting"}, where="plot", grid=grid, metrics=metrics, title="t")

@@ -30,7 +30,7 @@ from .results import read_json, read_jsonl  # noqa: E402
 
 import tomllib
 
-__all__ = ["plot_experiment", "plot_run", "main"]
+__all__ = ["plot_experiment", "plot_frontier", "plot_run", "main"]
 
 DPI = 150
 _COLORS = plt.get_cmap("tab10").colors
@@ -187,6 +187,59 @@ def plot_experiment(results_csv: str | Path, plot_spec: Mapping[str, Any], out_p
     return _save(fig, out_png, dpi=dpi)
 
 
+def plot_frontier(results_csv: str | Path, plot_spec: Mapping[str, Any], out_png: str | Path, *,
+                  dpi: int = DPI) -> Path:
+    """One point per grid point, metric ``x`` against each metric in ``y`` (one row of panels each),
+    labelled by ``point``, coloured by ``series``, one column per ``facet`` combination; 95% CI
+    error bars in both directions."""
+    rows = _read_csv(results_csv)
+    labels: Mapping[str, str] = plot_spec.get("labels") or {}
+    x, ys, point, series = plot_spec["x"], list(plot_spec["y"]), plot_spec["point"], plot_spec.get("series")
+    facets = list(plot_spec.get("facet") or [])
+    facet_of = lambda r: " / ".join(f"{_pretty(k, labels)} = {r[k]}" for k in facets)  # noqa: E731
+    panels = list(dict.fromkeys(facet_of(r) for r in rows)) or [""]
+    names = list(dict.fromkeys(r[series] for r in rows)) if series else [""]
+    fig, axes = plt.subplots(len(ys), len(panels), squeeze=False, sharex=True, sharey="row",
+                             figsize=(1.5 + 3.6 * len(panels), 0.8 + 3.0 * len(ys)))
+
+    def interval(r: Mapping[str, str], m: str) -> tuple[float, float, float]:
+        mean = _float(r.get(f"{m}_mean"))
+        low, high = _float(r.get(f"{m}_ci95_low")), _float(r.get(f"{m}_ci95_high"))
+        return mean, (mean - low if not math.isnan(low) else 0.0), (high - mean if not math.isnan(high) else 0.0)
+
+    for row_i, metric in enumerate(ys):
+        for col, panel in enumerate(panels):
+            ax = axes[row_i][col]
+            for index, name in enumerate(names):
+                members = [r for r in rows if facet_of(r) == panel and (not series or r[series] == name)]
+                pts = [(interval(r, x), interval(r, metric), r[point]) for r in members]
+                pts = [p for p in pts if not (math.isnan(p[0][0]) or math.isnan(p[1][0]))]
+                if not pts:
+                    continue
+                color = _COLORS[index % len(_COLORS)]
+                ax.errorbar([p[0][0] for p in pts], [p[1][0] for p in pts],
+                            xerr=[[p[0][1] for p in pts], [p[0][2] for p in pts]],
+                            yerr=[[p[1][1] for p in pts], [p[1][2] for p in pts]], fmt="o", color=color,
+                            markersize=5, elinewidth=1.2, capsize=3,
+                            label=f"{_pretty(series, labels)} = {name}" if series else None)
+                for (px, py, text) in pts:
+                    ax.annotate(text, (px[0], py[0]), textcoords="offset points", xytext=(5, 3),
+                                fontsize="x-small", color=color)
+            if row_i == 0 and panel:
+                ax.set_title(panel, fontsize="small")
+            if col == 0:
+                ax.set_ylabel(_pretty(metric, labels))
+            if row_i == len(ys) - 1:
+                ax.set_xlabel(_pretty(x, labels))
+            _style(ax)
+    if series and axes[0][0].get_legend_handles_labels()[0]:
+        axes[0][0].legend(frameon=False, fontsize="x-small", loc="best")
+    title = plot_spec.get("title") or Path(results_csv).parent.name
+    fig.suptitle(textwrap.fill(title, 40 + 30 * len(panels)), fontsize="large", fontweight="bold")
+    fig.tight_layout()
+    return _save(fig, out_png, dpi=dpi)
+
+
 def plot_rounds(rounds_csv: str | Path, plot_spec: Mapping[str, Any], out_png: str | Path, *,
                 dpi: int = DPI) -> Path:
     """Per-round metrics (``plot_spec["rounds"]``), one panel each, one line per grid point.
@@ -303,9 +356,12 @@ def main(argv: list[str] | None = None) -> int:
                     raise ValueError(f"{args.results_dir}: not an experiment folder (no {name})")
             spec = read_json(args.results_dir / "experiment.json")["plot"]
             runs = args.results_dir / "runs.csv"
-            path = plot_experiment(args.results_dir / "results.csv", spec,
-                                   args.out or args.results_dir / "figure.png",
-                                   runs_csv=runs if runs.is_file() else None)
+            if spec.get("kind") == "frontier":
+                path = plot_frontier(args.results_dir / "results.csv", spec, args.out or args.results_dir / "figure.png")
+            else:
+                path = plot_experiment(args.results_dir / "results.csv", spec,
+                                       args.out or args.results_dir / "figure.png",
+                                       runs_csv=runs if runs.is_file() else None)
     except (OSError, ValueError, KeyError) as exc:
         from .cli import fail
 

@@ -318,12 +318,10 @@ class RunRecord:
 
         block: dict[str, Any] = {"weighting": self.cfg.governance.weighting,
                                  **mean_influence([r["influence"] for r in self.rows if r.get("influence")])}
-        run = self._run_influence()
-        if run is not None:
-            block["run"] = run
-        if run is not None:  # who really holds the weight: with sybils, per actor (simulation ground truth)
-            actors = self.ground_truth.get("actors") or {}
-            block["run_by_actor"] = self._run_influence(actor_of={str(c): str(a) for c, a in actors.items()})
+        # Over the whole run, and per actor (with sybils, simulation ground truth): who holds the weight.
+        actors = self.ground_truth.get("actors") or {}
+        block["run"] = self._run_influence()
+        block["run_by_actor"] = self._run_influence(actor_of={str(c): str(a) for c, a in actors.items()})
         applied = [r["applied_influence"] for r in self.rows if r.get("applied_influence")]
         if applied:  # HE: what the clients actually applied (known to the simulation, not the aggregator)
             block["applied"] = mean_influence(applied)
@@ -331,7 +329,7 @@ class RunRecord:
                                                          if "applied_weight_sum" in r]))
         return block
 
-    def _run_influence(self, actor_of: dict[str, str] | None = None) -> dict[str, Any] | None:
+    def _run_influence(self, actor_of: dict[str, str] | None = None) -> dict[str, Any]:
         """Concentration of the weight each member realized over the whole run, every member counted.
 
         A member's share is its aggregation weight summed over the rounds (the weight it
@@ -345,8 +343,9 @@ class RunRecord:
         for row in self.rows:
             for c, w in (row.get("applied_weights") or row.get("weights") or {}).items():
                 totals[owner.get(c, c)] = totals.get(owner.get(c, c), 0.0) + float(w)
-        if not any(totals.values()):
-            return None
+        if not any(totals.values()):  # no weight realized yet: the measures are undefined
+            return {"nakamoto": None, "gini": None, "hhi": None, "max_weight": None, "top_member": None,
+                    "members": len(totals), "members_with_weight": 0}
         top = max(totals, key=lambda c: (totals[c], -int(c)))
         return {**influence(list(totals.values())), "top_member": int(top),
                 "members": len(totals), "members_with_weight": sum(v > 0 for v in totals.values())}

@@ -42,6 +42,9 @@ SUMMARY_METRICS = (
     "seconds_per_round", "bytes_per_round",
     "fairness.worst", "fairness.mean", "fairness.best", "fairness.std", "model.num_parameters",
     "influence.nakamoto", "influence.gini", "influence.hhi", "influence.max_weight",
+    # over the whole run, every member counted (influence.run), and per actor behind identities
+    "influence.run.nakamoto", "influence.run.gini", "influence.run.max_weight",
+    "influence.run_by_actor.nakamoto", "influence.run_by_actor.gini", "influence.run_by_actor.max_weight",
 )
 # Present only in runs that use the mechanism (empty cells elsewhere).
 MECHANISM_METRICS = (
@@ -114,6 +117,8 @@ class Experiment:
 
 _EXPERIMENT_KEYS = ("name", "description", "base", "seeds", "metrics", "overrides", "grid", "variants", "plot")
 _PLOT_KEYS = ("x", "series", "y", "xscale", "ylog", "title", "labels", "rounds")
+# kind = "frontier": one point per grid point, metric against metric (fedgov.plots.plot_frontier).
+_FRONTIER_KEYS = ("kind", "x", "y", "point", "series", "facet", "title", "labels")
 
 
 def _flat_table(value: Any, where: str, *, leaves: type | tuple[type, ...] | None = None) -> dict[str, Any]:
@@ -201,10 +206,43 @@ def _metrics(value: Any, where: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _frontier_spec(raw: Mapping[str, Any], *, where: str, grid: Mapping[str, list[Any]],
+                   metrics: tuple[str, ...], title: str) -> dict[str, Any]:
+    """``kind = "frontier"``: x and y are metrics; ``point`` labels each point, ``series`` colours
+    it, ``facet`` (grid keys) splits the panels; every grid key must be one of them."""
+    for key in raw:
+        if key not in _FRONTIER_KEYS:
+            raise ExperimentError(f"{where}.{key}: unknown key for a frontier (one of {', '.join(_FRONTIER_KEYS)})")
+    x = _str(raw.get("x", ""), f"{where}.x")
+    if x not in metrics:
+        raise ExperimentError(f"{where}.x: {x!r} is not one of experiment.metrics")
+    y = raw.get("y", [])
+    if not isinstance(y, list) or not y or any(m not in metrics for m in y):
+        raise ExperimentError(f"{where}.y: expected a non-empty list of experiment.metrics")
+    point = _str(raw.get("point", ""), f"{where}.point")
+    series = raw.get("series")
+    facet = raw.get("facet", [])
+    if isinstance(facet, str):
+        facet = [facet]
+    named = [point] + ([series] if series else []) + list(facet)
+    for key in named:
+        if key not in grid:
+            raise ExperimentError(f"{where}: {key!r} is not a grid key ({', '.join(grid)})")
+    for key in grid:
+        if key not in named and len(grid[key]) > 1:
+            raise ExperimentError(f"{where}: grid key {key!r} has {len(grid[key])} values but is "
+                                  f"neither plot.point, plot.series nor plot.facet")
+    labels = _flat_table(raw.get("labels", {}), f"{where}.labels")
+    return {"kind": "frontier", "x": x, "y": list(y), "point": point, "series": series, "facet": list(facet),
+            "title": _str(raw.get("title", title), f"{where}.title"), "labels": labels}
+
+
 def _plot_spec(raw: Any, *, where: str, grid: Mapping[str, list[Any]], metrics: tuple[str, ...],
                title: str) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ExperimentError(f"{where}: expected a table, got {type(raw).__name__}")
+    if raw.get("kind") == "frontier":
+        return _frontier_spec(raw, where=where, grid=grid, metrics=metrics, title=title)
     for key in raw:
         if key not in _PLOT_KEYS:
             raise ExperimentError(f"{where}.{key}: unknown key (one of {', '.join(_PLOT_KEYS)})")

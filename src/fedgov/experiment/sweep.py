@@ -151,9 +151,12 @@ def run_experiment(exp: Experiment, *, out: Path, seeds: Sequence[int] | None = 
                 f.cancel()
             raise
     write_outputs(exp, results, out, meta, final=True)
-    from ..plots import plot_experiment
+    from ..plots import plot_experiment, plot_frontier
 
-    plot_experiment(out / "results.csv", plot, out / "figure.png", runs_csv=out / "runs.csv")
+    if plot.get("kind") == "frontier":
+        plot_frontier(out / "results.csv", plot, out / "figure.png")
+    else:
+        plot_experiment(out / "results.csv", plot, out / "figure.png", runs_csv=out / "runs.csv")
     if plot.get("rounds"):
         from ..plots import plot_rounds
 
