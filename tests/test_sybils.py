@@ -43,8 +43,9 @@ def test_an_actor_too_small_to_split_and_a_bad_actor_are_clear_errors():
         _federation("data.sybil_identities=40")
     with pytest.raises(ConfigError, match="data.sybil_actor"):
         load_config(None, ["data.sybil_identities=2", "data.sybil_actor=10"])
-    with pytest.raises(ConfigError, match="governance.similarity_defense"):
-        load_config(None, ["governance.similarity_defense=true", "secure.aggregation=he"])
+    for other in (["secure.aggregation=he"], ["privacy.dp=user", "privacy.noise_multiplier=1"]):
+        with pytest.raises(ConfigError, match="governance.similarity_defense"):
+            load_config(None, ["governance.similarity_defense=true", *other])
 
 
 @pytest.mark.slow

@@ -410,6 +410,9 @@ def _check_sybils(cfg: Config, where: str) -> None:
     if cfg.data.sybil_actor >= 0 and cfg.data.partition != "natural" and cfg.data.sybil_actor >= cfg.data.num_cooperatives:
         raise ConfigError(f"{where}: data.sybil_actor: {cfg.data.sybil_actor} is not a cooperative "
                           f"(ids are 0..{cfg.data.num_cooperatives - 1})")
+    if cfg.governance.similarity_defense and cfg.privacy.dp == "user":
+        raise ConfigError(f"{where}: governance.similarity_defense: central DP (privacy.dp = 'user') is calibrated "
+                          f"to an unweighted mean; the defense would change the weights it assumes")
     if cfg.governance.similarity_defense and cfg.secure.aggregation != "off":
         raise ConfigError(f"{where}: governance.similarity_defense: compares plaintext updates, which "
                           f"secure.aggregation = {cfg.secure.aggregation!r} hides from the aggregator")
