@@ -141,10 +141,11 @@ def figures(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     left.plot(xs, [r["startup_seconds"] for r in ok], "s--", label="of which outside the rounds")
     left.plot(xs, [r["floor_wall_seconds"] for r in ok], "^-", label="engine-free floor (whole command)")
     left.set_ylabel("seconds")
-    right.plot(xs, [r["peak_memory_bytes"] / 1e9 for r in ok if r.get("peak_memory_bytes")], "o-",
-               label="simulation, all processes")
-    right.plot(xs, [r["floor_peak_memory_bytes"] / 1e9 for r in ok if r.get("floor_peak_memory_bytes")], "^-",
-               label="floor")
+    for key, style, label in (("peak_memory_bytes", "o-", "simulation, all processes"),
+                              ("floor_peak_memory_bytes", "^-", "floor")):
+        measured = [(r["members"], r[key] / 1e9) for r in ok if r.get(key)]  # None where /proc is missing
+        if measured:
+            right.plot([m for m, _ in measured], [g for _, g in measured], style, label=label)
     right.set_ylabel("peak resident memory (GB)")
     for ax, title in ((left, "Wall time against members"), (right, "Peak memory against members")):
         ax.set_xscale("log")
