@@ -136,7 +136,7 @@ def test_the_floor_refuses_what_it_does_not_reproduce():
     assert floor_problem(load_config()) is None
     for key in ("privacy.dp=sample;privacy.noise_multiplier=1", "secure.aggregation=he", "strategy.name=krum",
                 "attack.kind=label_flip",
-                "governance.clip_update_norm=1.0"):
+                "governance.clip_update_norm=1.0", "governance.similarity_defense=true"):
         cfg = load_config(None, key.split(";"))
         assert floor_problem(cfg), key
         with pytest.raises(FloorError):

@@ -9,8 +9,8 @@ cooperatives train one after another on one thread. What a Flower round costs be
 this is the engine's; what a mechanism's round costs beyond a plain Flower round is the
 mechanism's (``fedgov.bench``'s ``round`` suite reports both).
 
-Only the plain mechanism has a floor: no DP, no secure aggregation, no attack, and a
-strategy that averages (FedAvg, FedProx without its proximal term is not the same run).
+Only the plain mechanism has a floor: FedAvg with no DP, no secure aggregation, no attack,
+no clipping and no similarity defense (``floor_problem`` says which setting is in the way).
 """
 
 from __future__ import annotations
@@ -44,8 +44,9 @@ def floor_problem(cfg: Config) -> str | None:
         return "the floor is the plain round: set privacy.dp = 'off' and secure.aggregation = 'off'"
     if cfg.attack.kind != "off" or cfg.heterogeneity.compute != "off" or cfg.heterogeneity.deadline > 0:
         return "the floor runs honest, equally fast cooperatives: set attack.kind and heterogeneity off"
-    if cfg.governance.clip_update_norm > 0:
-        return "the floor does not clip updates: set governance.clip_update_norm = 0"
+    if cfg.governance.clip_update_norm > 0 or cfg.governance.similarity_defense:
+        return ("the floor neither clips nor down-weights updates: set governance.clip_update_norm = 0 and "
+                "governance.similarity_defense = false")
     return None
 
 
