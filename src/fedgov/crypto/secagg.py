@@ -498,10 +498,11 @@ def run_secagg_rounds(grid: Grid, cfg: Config, *, initial_arrays: ArrayRecord, n
         latest["arrays"] = arrays
         started = time.perf_counter()
         config = ConfigRecord({"server-round": log.round})
+        evaluating = evaluates_cooperatives(log.round, last_round=cfg.train.rounds, every=evaluation_interval(
+            cfg.train.evaluate_every, len(tracker.node_to_cooperative)))
         messages = [Message(content=RecordDict({"arrays": arrays, "config": config}), message_type=MessageType.EVALUATE,
-                            dst_node_id=node, group_id=str(log.round)) for node in sorted(tracker.node_to_cooperative)
-                    if evaluates_cooperatives(log.round, last_round=cfg.train.rounds, every=evaluation_interval(
-                        cfg.train.evaluate_every, len(tracker.node_to_cooperative)))]
+                            dst_node_id=node, group_id=str(log.round))
+                    for node in sorted(tracker.node_to_cooperative) if evaluating]
         for reply in grid.send_and_receive(messages, timeout=TIMEOUT_SECONDS):
             if not reply.has_error():
                 coop = tracker.cooperative(reply.metadata.src_node_id)
