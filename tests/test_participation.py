@@ -64,7 +64,7 @@ def test_evaluation_schedule_every_k_rounds_and_after_the_last():
 
     assert load_config().train.evaluate_every == 0  # automatic by default:
     assert evaluation_interval(0, 10) == evaluation_interval(0, 100) == 1  # today's runs evaluate every round
-    assert evaluation_interval(0, 1000) == 5 and evaluation_interval(3, 1000) == 3
+    assert evaluation_interval(0, 1000) == 10 and evaluation_interval(3, 1000) == 3
 
 
 def test_the_floor_follows_participation_and_the_schedule():

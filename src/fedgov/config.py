@@ -102,7 +102,7 @@ class TrainConfig:
     momentum: float = _spec(0.9, low=0.0, high=0.999, doc="local SGD momentum")
     evaluate_every: int = _spec(0, low=0, doc="every cooperative evaluates the global model on its local test split "
                                               "every this many rounds, and after the last (0: every round up to "
-                                              "100 cooperatives, else every 5; the global test set: every round)")
+                                              "100 cooperatives, else every 10; the global test set: every round)")
 
 
 @dataclass

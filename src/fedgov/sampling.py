@@ -78,7 +78,7 @@ def cohort_sampler(cfg: Config, sizes: Mapping[int, float]) -> CohortSampler:
 
 
 AUTO_EVALUATE_UP_TO = 100  # cooperatives: train.evaluate_every = 0 evaluates every round up to here
-AUTO_EVALUATE_EVERY = 5  # ... and every this many rounds beyond
+AUTO_EVALUATE_EVERY = 10  # ... and every this many rounds beyond
 
 
 def evaluation_interval(every: int, cooperatives: int) -> int:

@@ -122,3 +122,35 @@ def test_natural_without_groups_is_an_error() -> None:
 def test_unknown_scheme_lists_the_choices() -> None:
     with pytest.raises(DataError, match=r"data\.partition.*dirichlet"):
         split("shards")
+
+
+@pytest.mark.parametrize("rows,parts", [(103, 7), (40, 40), (1000, 333)])
+def test_iid_cuts_the_shards_flwr_datasets_would(rows: int, parts: int) -> None:
+    from datasets import Dataset
+    from flwr_datasets.partitioner import IidPartitioner
+
+    got = partition_indices(np.zeros(rows, dtype=np.int64), scheme="iid", num_partitions=parts, alpha=1.0,
+                            powerlaw_exponent=1.0, min_size=1, groups=None, seed=5)
+    order = np.random.default_rng(5).permutation(rows)
+    reference = IidPartitioner(num_partitions=parts)
+    reference.dataset = Dataset.from_dict({"row": np.arange(rows)})
+    expected = [np.sort(order[np.asarray(reference.load_partition(p)["row"])]) for p in range(parts)]
+    assert len(got) == parts
+    for mine, theirs in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(mine, theirs)
+
+
+def test_powerlaw_reads_the_assignment_flwr_datasets_loads_partition_by_partition() -> None:
+    from datasets import Dataset
+    from flwr_datasets.partitioner import SizePartitioner
+
+    from fedgov.data.partition import powerlaw_sizes
+
+    rows, parts = 500, 25
+    got = partition_indices(np.zeros(rows, dtype=np.int64), scheme="powerlaw", num_partitions=parts, alpha=1.0,
+                            powerlaw_exponent=1.2, min_size=3, groups=None, seed=9)
+    order = np.random.default_rng(9).permutation(rows)
+    reference = SizePartitioner(partition_sizes=powerlaw_sizes(rows, num_partitions=parts, exponent=1.2, min_size=3))
+    reference.dataset = Dataset.from_dict({"row": np.arange(rows)})
+    for pid, mine in enumerate(got):
+        np.testing.assert_array_equal(mine, np.sort(order[np.asarray(reference.load_partition(pid)["row"])]))
