@@ -104,3 +104,14 @@ def test_a_run_records_who_showed_up_and_the_run_long_influence(tmp_path):
     assert run_long["nakamoto"] == influence(list(totals.values()))["nakamoto"]
     assert run_long["max_weight"] == pytest.approx(max(totals.values()) / sum(totals.values()))
     assert str(run_long["top_member"]) == max(totals, key=totals.get)
+
+
+def test_fairness_reports_the_worst_tenth_beside_the_worst_member():
+    from fedgov.run_record import fairness
+
+    # Twenty members: two tiny ones score 0, the rest 0.5..0.95; the worst is 0, the 10th percentile is not.
+    accuracies = [0.0, 0.0] + [0.5 + 0.025 * i for i in range(18)]
+    spread = fairness(accuracies)
+    assert spread["worst"] == 0.0 and spread["best"] == pytest.approx(0.925)
+    assert spread["p10"] == pytest.approx(float(np.percentile(accuracies, 10))) and 0.0 < spread["p10"] < 0.5
+    assert fairness([]) == {"worst": None, "p10": None, "mean": None, "best": None, "std": None}

@@ -199,7 +199,7 @@ def plot_frontier(results_csv: str | Path, plot_spec: Mapping[str, Any], out_png
     facet_of = lambda r: " / ".join(f"{_pretty(k, labels)} = {r[k]}" for k in facets)  # noqa: E731
     panels = list(dict.fromkeys(facet_of(r) for r in rows)) or [""]
     names = list(dict.fromkeys(r[series] for r in rows)) if series else [""]
-    fig, axes = plt.subplots(len(ys), len(panels), squeeze=False, sharex=True, sharey="row",
+    fig, axes = plt.subplots(len(ys), len(panels), squeeze=False, sharex="col", sharey="row",
                              figsize=(1.5 + 3.6 * len(panels), 0.8 + 3.0 * len(ys)))
 
     def interval(r: Mapping[str, str], m: str) -> tuple[float, float, float]:

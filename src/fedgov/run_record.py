@@ -39,11 +39,17 @@ def library_versions() -> dict[str, str | None]:
 
 
 def fairness(accuracies: list[float]) -> dict[str, float | None]:
-    """Spread of per-cooperative accuracy: the worst-off cooperative matters as much as the mean."""
+    """Spread of per-cooperative accuracy: the worst-off cooperative matters as much as the mean.
+
+    ``p10`` is the accuracy the worst-off tenth of members reach (10th percentile, linear
+    interpolation): among thousands of members some hold a handful of test examples, and
+    ``worst`` is then 0 in almost every run.
+    """
     if not accuracies:
-        return {"worst": None, "mean": None, "best": None, "std": None}
+        return {"worst": None, "p10": None, "mean": None, "best": None, "std": None}
     a = np.asarray(accuracies, dtype=float)
-    return {"worst": float(a.min()), "mean": float(a.mean()), "best": float(a.max()), "std": float(a.std())}
+    return {"worst": float(a.min()), "p10": float(np.percentile(a, 10)), "mean": float(a.mean()),
+            "best": float(a.max()), "std": float(a.std())}
 
 
 @dataclass

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -391,6 +392,34 @@ def test_run_measured_counts_the_memory_of_every_process_the_command_starts():
         assert measured.peak_rss_bytes > 200 * 2**20 and measured.peak_processes >= 2
 
 
+def test_run_measured_stops_the_command_and_everything_it_started_at_the_timeout():
+    import os
+
+    from fedgov.bench.processes import run_measured, tagged_pids
+
+    if not os.path.isdir("/proc"):
+        pytest.skip("needs /proc to find the processes")
+    # The grandchild leaves the command's session, as Ray's processes do; it must be stopped too.
+    script = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
+              "start_new_session=True); print('started', flush=True); time.sleep(60)")
+    started = time.monotonic()
+    measured = run_measured([sys.executable, "-c", script], timeout=2.0, interval=0.1)
+    assert measured.timed_out and measured.returncode != 0 and "started" in measured.stdout
+    assert 2.0 <= measured.wall_seconds < 30 and time.monotonic() - started < 30
+    if measured.peak_rss_bytes is not None:
+        assert measured.peak_processes >= 2
+    leftovers = []
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
+        except OSError:
+            continue
+        if b"time.sleep(60)" in cmdline and b"start_new_session" not in cmdline:
+            leftovers.append(pid)
+    assert not leftovers, f"the grandchild survived the timeout: {leftovers}"
+    assert tagged_pids("no-such-tag") == []
+
+
 def test_scale_verdicts_and_report():
     from fedgov.bench.suites import scale
 
@@ -399,12 +428,24 @@ def test_scale_verdicts_and_report():
           "round_seconds_median": 3.0, "evaluate_seconds": 5.0, "peak_memory_bytes": 3e9, "peak_processes": 9,
           "final_accuracy": 0.5, "floor_final_accuracy": 0.5, "floor_peak_memory_bytes": 1e9}
     rows = [{**ok, "members": 1000}, {"kind": "scale", "members": 10000, "status": "failed", "dataset": "synthetic",
-                                       "rounds": 5, "error": "fedgov.simulate exited 1: boom"}]
+                                       "rounds": 5, "error": "fedgov.simulate exited 1: boom"},
+            {"kind": "scale", "members": 3000, "status": "timed_out", "dataset": "synthetic", "rounds": 5,
+             "wall_seconds": 900.0, "rounds_done": 1, "peak_memory_bytes": 2e9, "peak_processes": 7,
+             "error": "did not finish within 900 s (1 rounds done)"}]
     verdicts = {(v["members"], v["target"]): v for v in scale.verdicts(rows)}
     assert verdicts[(1000, "wall_seconds")]["verdict"] == "misses" and verdicts[(1000, "wall_seconds")]["value"] == 70
     assert verdicts[(1000, "floor_ratio")]["verdict"] == "misses"
     assert verdicts[(10000, "peak_memory_gb")]["verdict"] == "unknown"
+    scale.TARGETS[3000] = {"wall_seconds": 600.0, "peak_memory_gb": 8.0}
+    try:
+        timed = {v["target"]: v for v in scale.verdicts(rows) if v["members"] == 3000}
+    finally:
+        del scale.TARGETS[3000]
+    # Stopped at 900 s: the wall target is missed whatever the rest would have taken; memory is not known.
+    assert timed["wall_seconds"]["verdict"] == "misses" and timed["wall_seconds"]["value"] == 900
+    assert timed["peak_memory_gb"]["verdict"] == "unknown"
     text = scale.report(rows + list(verdicts.values()))
+    assert "| 3,000 | synthetic | 5 | - | > 900 (did not finish within 900 s (1 rounds done))" in text
     assert "| 1,000 | synthetic | 20 | 50 | 70.0 | 20.0 | 3.50 |" in text and "failed: fedgov.simulate exited 1" in text
     assert scale.case_settings(10, rounds=20, fraction=1.0, dataset="digits", examples_per_member=40,
                                device="cpu") == {"seed": 0, "train.rounds": 20, "data.num_cooperatives": 10,

@@ -10,6 +10,7 @@ no ``/proc`` the peak is unknown (``None``).
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -18,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Measured", "run_measured", "tagged_rss_bytes"]
+__all__ = ["Measured", "run_measured", "tagged_pids", "tagged_rss_bytes"]
 
 MARKER = "FEDGOV_BENCH_PROCESS_TAG"
 
@@ -31,21 +32,35 @@ class Measured:
     wall_seconds: float
     peak_rss_bytes: int | None  # summed over every process carrying the marker, at its highest sample
     peak_processes: int  # how many processes were counted at that sample
+    timed_out: bool = False  # stopped at the timeout, with every process it started
+
+
+def _tagged(tag: str) -> list[Path]:
+    needle = f"{MARKER}={tag}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(entry)
+        except OSError:  # gone, or not ours to read
+            continue
+    return found
+
+
+def tagged_pids(tag: str) -> list[int]:
+    """PIDs of the live processes whose environment carries ``tag`` (none where there is no /proc)."""
+    return [int(entry.name) for entry in _tagged(tag)] if Path("/proc").is_dir() else []
 
 
 def tagged_rss_bytes(tag: str) -> tuple[int, int] | None:
     """(total resident bytes, processes) of the live processes whose environment carries ``tag``."""
-    proc = Path("/proc")
-    if not proc.is_dir():
+    if not Path("/proc").is_dir():
         return None
-    needle = f"{MARKER}={tag}".encode()
     total = count = 0
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
+    for entry in _tagged(tag):
         try:
-            if needle not in (entry / "environ").read_bytes().split(b"\0"):
-                continue
             for line in (entry / "status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     total += int(line.split()[1]) * 1024
@@ -74,12 +89,35 @@ def run_measured(argv: Sequence[str], *, env: Mapping[str, str] | None = None, t
     sampler = threading.Thread(target=sample, daemon=True)
     started = time.perf_counter()
     sampler.start()
+    timed_out = False
+    proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
     try:
-        proc = subprocess.run(list(argv), capture_output=True, text=True, env=environment, timeout=timeout,
-                              stdin=subprocess.DEVNULL)
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        _stop(proc, tag)
+        stdout, stderr = proc.communicate()
     finally:
         wall = time.perf_counter() - started
         done.set()
         sampler.join()
-    return Measured(returncode=proc.returncode, stdout=proc.stdout, stderr=proc.stderr, wall_seconds=wall,
-                    peak_rss_bytes=peak[0] if measurable else None, peak_processes=peak[1])
+        if proc.poll() is None:  # interrupted (Ctrl-C): leave nothing of it running
+            _stop(proc, tag)
+    return Measured(returncode=proc.returncode, stdout=stdout, stderr=stderr, wall_seconds=wall,
+                    peak_rss_bytes=peak[0] if measurable else None, peak_processes=peak[1], timed_out=timed_out)
+
+
+def _stop(proc: subprocess.Popen, tag: str, grace: float = 10.0) -> None:
+    """Stop the command and every process it started (Ray's too, some in sessions of their own), by PID."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in {proc.pid, *tagged_pids(tag)}:
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                continue
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and (proc.poll() is None or tagged_pids(tag)):
+            time.sleep(0.2)
+        if proc.poll() is not None and not tagged_pids(tag):
+            return

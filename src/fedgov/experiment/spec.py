@@ -40,7 +40,7 @@ __all__ = [
 SUMMARY_METRICS = (
     "final_accuracy", "final_loss", "rounds", "wall_seconds", "bytes_up", "bytes_down",
     "seconds_per_round", "bytes_per_round",
-    "fairness.worst", "fairness.mean", "fairness.best", "fairness.std", "model.num_parameters",
+    "fairness.worst", "fairness.p10", "fairness.mean", "fairness.best", "fairness.std", "model.num_parameters",
     "influence.nakamoto", "influence.gini", "influence.hhi", "influence.max_weight",
     # over the whole run, every member counted (influence.run), and per actor behind identities
     "influence.run.nakamoto", "influence.run.gini", "influence.run.max_weight",

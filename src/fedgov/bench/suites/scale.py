@@ -61,6 +61,8 @@ def measure_size(members: int, sets: dict[str, Any], work: Path, *, timeout: flo
                            "fraction": sets["strategy.fraction_train"], "dataset": sets.get("data.dataset", "digits")}
     sim = run_measured(_command("fedgov.simulate", sets, "--no-progress", "--out", str(work / f"{members}")),
                        env=env, timeout=timeout)
+    if sim.timed_out:
+        return {**row, **_unfinished(sim, work / f"{members}", timeout)}
     run_dir = Path(sim.stdout.strip().splitlines()[-1]) if sim.stdout.strip() else None
     if sim.returncode != 0 or run_dir is None or not (run_dir / "metrics.jsonl").is_file():
         return {**row, "status": "failed", "error": _failure(sim, "fedgov.simulate")}
@@ -95,12 +97,22 @@ def measure_size(members: int, sets: dict[str, Any], work: Path, *, timeout: flo
     return row
 
 
+def _unfinished(sim: Any, out: Path, timeout: float) -> dict[str, Any]:
+    """What a simulation stopped at the timeout got through: its rounds so far, its memory so far."""
+    done = [r for f in sorted(out.glob("*/metrics.jsonl")) for r in read_jsonl(f)]
+    return {"status": "timed_out", "error": f"did not finish within {timeout:g} s ({len(done)} rounds done)",
+            "wall_seconds": sim.wall_seconds, "rounds_done": len(done),
+            "peak_memory_bytes": sim.peak_rss_bytes, "peak_processes": sim.peak_processes}
+
+
 def verdicts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One ``target`` row per measure in ``TARGETS`` whose size was measured."""
     out = []
     for r in rows:
         for measure, limit in TARGETS.get(r["members"], {}).items():
-            if r.get("status") != "ok":
+            if r.get("status") == "timed_out" and measure == "wall_seconds":
+                value = r["wall_seconds"]  # a lower bound: stopped there
+            elif r.get("status") != "ok":
                 value = None
             elif measure == "peak_memory_gb":
                 value = r["peak_memory_bytes"] / 1e9 if r.get("peak_memory_bytes") is not None else None
@@ -168,11 +180,16 @@ def report(rows: list[dict[str, Any]]) -> str:
              "s/round (median) | evaluate s (all rounds) | peak memory GB | processes | accuracy (floor) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sizes:
+        gb = lambda b: fmt(b / 1e9) if b else "-"  # noqa: E731
+        if r.get("status") == "timed_out":
+            lines.append(f"| {r['members']:,} | {r['dataset']} | {r['rounds']} | - | > {r['wall_seconds']:.0f} "
+                         f"({r['error']}) | | | | | | {gb(r.get('peak_memory_bytes'))} so far | "
+                         f"{r['peak_processes']} | |")
+            continue
         if r.get("status") != "ok":
             lines.append(f"| {r['members']} | {r['dataset']} | {r['rounds']} | - | failed: {r.get('error')} "
                          f"| | | | | | | | |")
             continue
-        gb = lambda b: fmt(b / 1e9) if b else "-"  # noqa: E731
         lines.append(f"| {r['members']:,} | {r['dataset']} | {r['rounds']} | {r['sampled_per_round']:g} | "
                      f"{r['wall_seconds']:.1f} | {r['floor_wall_seconds']:.1f} | {r['floor_ratio']:.2f} | "
                      f"{r['startup_seconds']:.1f} | {r['round_seconds_median']:.3f} | {r['evaluate_seconds']:.2f} | "
