@@ -55,8 +55,13 @@ def test_same_seed_same_accuracy_sequence(small_run, tmp_path):
     first = [r["accuracy"] for r in read_jsonl(small_run / "metrics.jsonl")]
     second = [r["accuracy"] for r in read_jsonl(again / "metrics.jsonl")]
     assert first == second
-    other_seed = run_dir_of(run_simulate(*SMALL, "--set", "seed=1", "--out", str(tmp_path)))
-    assert [r["accuracy"] for r in read_jsonl(other_seed / "metrics.jsonl")] != first
+    # Another seed, another federation: shown on the engine-free floor, which reproduces the Flower
+    # run round by round (test_the_engine_free_floor_runs_the_same_rounds_without_flower).
+    from fedgov.floor import run_floor
+
+    cfg = load_config(small_run / "config.toml")
+    assert [r["accuracy"] for r in run_floor(cfg)] == pytest.approx(first, abs=1e-9)
+    assert [r["accuracy"] for r in run_floor(cfg.replace(seed=1))] != first
 
 
 def test_resume_continues_exactly_where_the_run_stopped(small_run, tmp_path):
@@ -141,3 +146,27 @@ def test_the_floor_refuses_what_it_does_not_reproduce():
         assert floor_problem(cfg), key
         with pytest.raises(FloorError):
             run_floor(cfg, rounds=1)
+
+
+def test_discovery_names_how_many_cooperatives_did_not_answer_in_one_short_line(monkeypatch):
+    from types import SimpleNamespace
+
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedgov.server_app import FederationError, discover_cooperatives
+
+    def reply(node: int, coop: int) -> SimpleNamespace:
+        content = {"cooperative": {"partition-id": coop, "num-examples": 5, "num-train": 4, "num-test": 1,
+                                   "label-counts": [5]}, "identity": {"name": f"coop-{coop}"}}
+        return SimpleNamespace(metadata=SimpleNamespace(src_node_id=node), has_error=lambda: False, content=content)
+
+    class ThreeAnswer:  # a grid on which only the first 3 of 40 nodes answer in time
+        def send_and_receive(self, messages, *, timeout=None):
+            return [reply(m.metadata.dst_node_id, coop) for coop, m in enumerate(list(messages)[:3])]
+
+    for name, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):  # Messages need a run identity
+        monkeypatch.setattr(TaskIdentity, name, value, raising=False)
+    with pytest.raises(FederationError) as caught:
+        discover_cooperatives(ThreeAnswer(), list(range(100, 140)), timeout=304.0, num_cooperatives=40)
+    assert str(caught.value) == ("no reply from 37 of 40 cooperative(s) within 304 s "
+                                 "(3, 4, 5, 6, 7, 8, 9, 10, 11, 12, ...)")

@@ -65,7 +65,8 @@ def measure_size(members: int, sets: dict[str, Any], work: Path, *, timeout: flo
         return {**row, **_unfinished(sim, work / f"{members}", timeout)}
     run_dir = Path(sim.stdout.strip().splitlines()[-1]) if sim.stdout.strip() else None
     if sim.returncode != 0 or run_dir is None or not (run_dir / "metrics.jsonl").is_file():
-        return {**row, "status": "failed", "error": _failure(sim, "fedgov.simulate")}
+        return {**row, "status": "failed", "error": _failure(sim, "fedgov.simulate"), "wall_seconds": sim.wall_seconds,
+                "peak_memory_bytes": sim.peak_rss_bytes, "peak_processes": sim.peak_processes}
     rounds = read_jsonl(run_dir / "metrics.jsonl")
     summary = read_json(run_dir / "summary.json")
     floor_file = work / f"{members}-floor.json"
@@ -187,8 +188,9 @@ def report(rows: list[dict[str, Any]]) -> str:
                          f"{r['peak_processes']} | |")
             continue
         if r.get("status") != "ok":
-            lines.append(f"| {r['members']} | {r['dataset']} | {r['rounds']} | - | failed: {r.get('error')} "
-                         f"| | | | | | | | |")
+            after = f" after {r['wall_seconds']:.0f} s" if r.get("wall_seconds") else ""
+            lines.append(f"| {r['members']:,} | {r['dataset']} | {r['rounds']} | - | failed{after}: {r.get('error')} "
+                         f"| | | | | | {gb(r.get('peak_memory_bytes'))} | {r.get('peak_processes', '')} | |")
             continue
         lines.append(f"| {r['members']:,} | {r['dataset']} | {r['rounds']} | {r['sampled_per_round']:g} | "
                      f"{r['wall_seconds']:.1f} | {r['floor_wall_seconds']:.1f} | {r['floor_ratio']:.2f} | "
