@@ -18,6 +18,7 @@ from .cli import ArgumentParser, fail
 from .client_errors import clean_reason
 from .config import Config, ConfigError, load_config, read_config
 from .data import build_federation
+from .data.partition import shared_partitions
 from .decryption import extra_nodes
 from .preflight import PreflightError, preflight
 from .results import new_run_dir, read_json, read_jsonl
@@ -165,6 +166,11 @@ def _prepare(args: argparse.Namespace) -> tuple[Config, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    with shared_partitions():  # the Ray workers read the split this process draws first
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         cfg, run_dir = _prepare(args)
     except (ConfigError, PreflightError) as exc:

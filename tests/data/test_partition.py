@@ -3,6 +3,8 @@ the data the way its name says."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -154,3 +156,38 @@ def test_powerlaw_reads_the_assignment_flwr_datasets_loads_partition_by_partitio
     reference.dataset = Dataset.from_dict({"row": np.arange(rows)})
     for pid, mine in enumerate(got):
         np.testing.assert_array_equal(mine, np.sort(order[np.asarray(reference.load_partition(pid)["row"])]))
+
+
+def test_partitions_drawn_once_are_read_back_by_the_processes_that_share_the_folder(monkeypatch):
+    from fedgov.data import partition as module
+
+    monkeypatch.delenv(module.CACHE_ENV, raising=False)
+    with module.shared_partitions() as folder:
+        assert os.environ[module.CACHE_ENV] == str(folder)
+        drawn = split("dirichlet", seed=3)
+        assert len(list(folder.glob("*.npz"))) == 1 and not list(folder.glob("*.tmp"))
+
+        def must_not_draw(req):
+            raise AssertionError("drew again instead of reading the shared partition")
+
+        monkeypatch.setitem(module.SCHEMES, "dirichlet", must_not_draw)
+        again = split("dirichlet", seed=3)  # what a Ray worker does: read, not redraw
+        assert len(again) == len(drawn) and all(np.array_equal(a, b) for a, b in zip(again, drawn, strict=True))
+        with pytest.raises(AssertionError, match="drew again"):
+            split("dirichlet", seed=4)  # other inputs, another key
+        with pytest.raises(AssertionError, match="drew again"):
+            split("dirichlet", seed=3, labels=LABELS[::-1].copy())
+        next(folder.glob("*.npz")).write_bytes(b"not an npz")  # damaged: drawn again, never trusted
+        with pytest.raises(AssertionError, match="drew again"):
+            split("dirichlet", seed=3)
+    assert not folder.exists() and module.CACHE_ENV not in os.environ
+
+
+def test_a_partition_folder_the_user_names_is_used_and_kept(monkeypatch, tmp_path):
+    from fedgov.data import partition as module
+
+    monkeypatch.setenv(module.CACHE_ENV, str(tmp_path))
+    with module.shared_partitions() as folder:
+        assert folder == tmp_path
+        split("powerlaw")
+    assert len(list(tmp_path.glob("*.npz"))) == 1 and os.environ[module.CACHE_ENV] == str(tmp_path)

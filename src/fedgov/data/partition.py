@@ -9,16 +9,26 @@ seconds to import and ``import fedgov.data`` should stay fast.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fedgov.data.datasets import DataError, largest_remainder
 
-__all__ = ["SCHEMES", "partition_indices", "powerlaw_sizes"]
+__all__ = ["CACHE_ENV", "SCHEMES", "partition_indices", "powerlaw_sizes", "shared_partitions"]
+
+# A folder where one process's partitions wait for the others (the simulation's Ray workers):
+# each would otherwise import flwr-datasets (seconds) and redraw the same split.
+CACHE_ENV = "FEDGOV_PARTITION_CACHE"
 
 
 @dataclass(frozen=True, eq=False)
@@ -192,4 +202,68 @@ def partition_indices(labels: np.ndarray, *, scheme: str, num_partitions: int, a
         raise DataError(f"data.num_cooperatives: {num_partitions} must be at least 1")
     req = _Request(labels=labels, groups=groups, num_partitions=num_partitions, alpha=alpha,
                    powerlaw_exponent=powerlaw_exponent, min_size=max(int(min_size), 1), seed=seed)
-    return fn(req)
+    folder = os.environ.get(CACHE_ENV)
+    if not folder:
+        return fn(req)
+    path = Path(folder) / f"{_cache_key(scheme, req)}.npz"
+    if (parts := _read_cached(path)) is not None:
+        return parts
+    parts = fn(req)
+    _write_cached(path, parts)
+    return parts
+
+
+@contextlib.contextmanager
+def shared_partitions() -> Iterator[Path]:
+    """Processes started inside the block (and this one) share the partitions they draw.
+
+    Uses ``$FEDGOV_PARTITION_CACHE`` if set, else a fresh temporary folder removed afterwards.
+    """
+    given = os.environ.get(CACHE_ENV)
+    if given:
+        yield Path(given)
+        return
+    folder = Path(tempfile.mkdtemp(prefix="fedgov-partitions-"))
+    os.environ[CACHE_ENV] = str(folder)
+    try:
+        yield folder
+    finally:
+        os.environ.pop(CACHE_ENV, None)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _cache_key(scheme: str, req: _Request) -> str:
+    """Everything the partition depends on: the inputs, this module's code, flwr-datasets' version."""
+    h = hashlib.sha256()
+    h.update(repr((scheme, req.num_partitions, req.alpha, req.powerlaw_exponent, req.min_size, req.seed,
+                   metadata.version("flwr-datasets"))).encode())
+    for column in (req.labels, req.groups):
+        if column is not None:
+            h.update(str((column.dtype, column.shape)).encode())
+            h.update(np.ascontiguousarray(column).tobytes())
+    h.update(Path(__file__).read_bytes())
+    return h.hexdigest()
+
+
+def _read_cached(path: Path) -> list[np.ndarray] | None:
+    try:
+        with np.load(path) as data:
+            rows, ends = data["rows"], data["ends"]
+    except (OSError, KeyError, ValueError):  # not there yet, or unreadable: draw it again
+        return None
+    return [rows[start:end] for start, end in zip(np.concatenate([[0], ends[:-1]]), ends, strict=True)]
+
+
+def _write_cached(path: Path, parts: list[np.ndarray]) -> None:
+    ends = np.cumsum([len(p) for p in parts], dtype=np.int64)
+    rows = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    tmp: str | None = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "wb") as handle:
+            np.savez(handle, rows=rows, ends=ends)
+        os.replace(tmp, path)  # atomic: a reader sees the whole file or none
+    except OSError:  # a cache that cannot be written only costs the others a redraw
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
