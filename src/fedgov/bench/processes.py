@@ -90,16 +90,17 @@ def run_measured(argv: Sequence[str], *, env: Mapping[str, str] | None = None, t
     started = time.perf_counter()
     sampler.start()
     timed_out = False
+    stopped_at: float | None = None
     proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment,
                             stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        timed_out = True
+        timed_out, stopped_at = True, time.perf_counter()  # the wall time is the command's, not its stopping
         _stop(proc, tag)
         stdout, stderr = proc.communicate()
     finally:
-        wall = time.perf_counter() - started
+        wall = (stopped_at or time.perf_counter()) - started
         done.set()
         sampler.join()
         if proc.poll() is None:  # interrupted (Ctrl-C): leave nothing of it running
