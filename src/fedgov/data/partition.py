@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 import shutil
 import tempfile
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from fedgov.data.datasets import DataError, largest_remainder
+from fedgov.results import atomic_write_bytes
 
 __all__ = ["CACHE_ENV", "SCHEMES", "partition_indices", "powerlaw_sizes", "shared_partitions"]
 
@@ -256,14 +258,7 @@ def _read_cached(path: Path) -> list[np.ndarray] | None:
 
 def _write_cached(path: Path, parts: list[np.ndarray]) -> None:
     ends = np.cumsum([len(p) for p in parts], dtype=np.int64)
-    rows = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-    tmp: str | None = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, rows=rows, ends=ends)
-        os.replace(tmp, path)  # atomic: a reader sees the whole file or none
-    except OSError:  # a cache that cannot be written only costs the others a redraw
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+    buffer = io.BytesIO()
+    np.savez(buffer, rows=np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64), ends=ends)
+    with contextlib.suppress(OSError):  # a cache that cannot be written only costs the others a redraw
+        atomic_write_bytes(path, buffer.getvalue())  # a reader sees the whole file or none
