@@ -64,20 +64,19 @@ def _as_dataset(columns: dict[str, np.ndarray]) -> Any:
 def _read_partitions(partitioner: Any, order: np.ndarray | None = None) -> list[np.ndarray]:
     """Row indices of every partition, sorted. ``order`` maps the partitioner's rows
     back to ours when we shuffled them first."""
-    parts = []
     if isinstance(getattr(type(partitioner), "partition_id_to_indices", None), property):
         # Size-based partitioners publish their whole assignment once drawn: one read instead of
         # one Arrow selection per partition (seconds at thousands of cooperatives).
         partitioner.load_partition(0)
         row_column = np.asarray(partitioner.dataset["row"], dtype=np.int64)
-        for pid in range(partitioner.num_partitions):
-            rows = row_column[np.asarray(partitioner.partition_id_to_indices[pid], dtype=np.int64)]
-            parts.append(np.sort(rows if order is None else order[rows]))
-        return parts
-    for pid in range(partitioner.num_partitions):
-        rows = np.asarray(partitioner.load_partition(pid)["row"], dtype=np.int64)
-        parts.append(np.sort(rows if order is None else order[rows]))
-    return parts
+
+        def rows_of(pid: int) -> np.ndarray:
+            return row_column[np.asarray(partitioner.partition_id_to_indices[pid], dtype=np.int64)]
+    else:
+        def rows_of(pid: int) -> np.ndarray:
+            return np.asarray(partitioner.load_partition(pid)["row"], dtype=np.int64)
+    return [np.sort(rows if order is None else order[rows])
+            for rows in map(rows_of, range(partitioner.num_partitions))]
 
 
 def _check_room(req: _Request) -> None:
