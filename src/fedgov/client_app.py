@@ -20,6 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 from flwr.common import log
 
+from .arrays import record_to_numpy
 from .client_errors import CODE_DECLINED, CODE_FAILED, exception_reason
 from .config import Config
 from .data import Cooperative, build_federation
@@ -31,16 +32,66 @@ from .sampling import training_seed
 from .strategies.governance import WEIGHT_KEY
 from .task import evaluate, make_loader, resolve_device, train
 
-__all__ = ["app", "build_client_app"]
+__all__ = ["app", "build_client_app", "preload"]
+
+
+class _RunSide:
+    """What every node of one run shares in a process: its config, federation, device and attackers,
+    and one resident model that each message's arrays are loaded into (built once, not per message)."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.config = cfg
+        self.federation = build_federation(cfg.data, seed=cfg.seed)
+        self.device = resolve_device(cfg.runtime.device)
+        self.attackers: list[int] = []
+        if cfg.attack.fraction > 0 or cfg.attack.cooperatives:
+            from .attacks import select_attackers
+
+            self.attackers = select_attackers(self.federation.num_cooperatives, fraction=cfg.attack.fraction,
+                                              cooperatives=cfg.attack.cooperatives, seed=cfg.seed)
+        self.attacker_set = frozenset(self.attackers)
+        self._model: torch.nn.Module | None = None
+
+    def new_model(self) -> torch.nn.Module:
+        cfg = self.config
+        return build_model(cfg.model.name, input_shape=self.federation.input_shape,
+                           num_classes=self.federation.num_classes, hidden=cfg.model.hidden)
+
+    def model_from(self, message: Message) -> torch.nn.Module:
+        """The model the message carries. DP-SGD gets a fresh one: Opacus hooks the model it trains."""
+        if self.config.privacy.dp == "sample":
+            model = self.new_model()
+        else:
+            if self._model is None:
+                self._model = self.new_model()
+            model = self._model
+        state = {name: torch.from_numpy(value.copy()) for name, value in
+                 record_to_numpy(message.content["arrays"]).items()}
+        model.load_state_dict(state)
+        return model
+
+
+_RUN_SIDES: dict[object, _RunSide] = {}
+
+
+def _run_side(context: Context, config: Config | None) -> _RunSide:
+    """The process's :class:`_RunSide` for this config (``config`` None: the message's run config)."""
+    key: object = id(config) if config is not None else tuple(sorted(context.run_config.items()))
+    side = _RUN_SIDES.get(key)
+    if side is None or (config is not None and side.config is not config):
+        if len(_RUN_SIDES) > 8:
+            _RUN_SIDES.clear()
+        side = _RUN_SIDES[key] = _RunSide(config if config is not None else Config.from_flat(context.run_config))
+    return side
 
 
 class _Node:
     """What a node needs for one message: its config, cooperative and device."""
 
     def __init__(self, context: Context, config: Config | None) -> None:
-        self.config = config if config is not None else Config.from_flat(context.run_config)
-        cfg = self.config
-        self.federation = build_federation(cfg.data, seed=cfg.seed)
+        side = self.side = _run_side(context, config)
+        self.config = cfg = side.config
+        self.federation = side.federation
         partition_id = int(context.node_config["partition-id"])
         num_partitions = int(context.node_config.get("num-partitions", self.federation.num_cooperatives))
         # In simulation the custodian, when there is one, is the engine's last node: one partition more.
@@ -50,14 +101,9 @@ class _Node:
                 f"node config partition-id={partition_id} num-partitions={num_partitions} does not fit "
                 f"the run's {self.federation.num_cooperatives} cooperatives (data.num_cooperatives)")
         self.cooperative: Cooperative = self.federation.cooperatives[partition_id]
-        self.device = resolve_device(cfg.runtime.device)
-        self.attackers: list[int] = []
-        if cfg.attack.fraction > 0 or cfg.attack.cooperatives:
-            from .attacks import select_attackers
-
-            self.attackers = select_attackers(self.federation.num_cooperatives, fraction=cfg.attack.fraction,
-                                              cooperatives=cfg.attack.cooperatives, seed=cfg.seed)
-        self.malicious = partition_id in self.attackers
+        self.device = side.device
+        self.attackers = side.attackers
+        self.malicious = partition_id in side.attacker_set
         # Simulated clients share the machine's cores; one thread each avoids oversubscription
         # and keeps CPU results reproducible.
         torch.set_num_threads(1)
@@ -72,11 +118,7 @@ class _Node:
         return round(num_examples * self.config.attack.size_claim) if lies else num_examples
 
     def model_from(self, message: Message) -> torch.nn.Module:
-        cfg = self.config
-        model = build_model(cfg.model.name, input_shape=self.federation.input_shape,
-                            num_classes=self.federation.num_classes, hidden=cfg.model.hidden)
-        model.load_state_dict(message.content["arrays"].to_torch_state_dict())
-        return model
+        return self.side.model_from(message)
 
 
 def _handle_query(message: Message, node: _Node) -> Message:
@@ -247,6 +289,24 @@ def report_failures(message: Message, context: Context, call_next):  # noqa: ANN
         log(ERROR, "fedgov: cooperative %s failed on a %s message:\n%s", partition,
             message.metadata.message_type, traceback.format_exc())
         return Message(Error(code=CODE_FAILED, reason=exception_reason(exc)), reply_to=message)
+
+
+def preload(cfg: Config) -> None:
+    """Import, in this process, what the cooperatives of ``cfg`` will use, so that workers forked from it
+    start ready: torch builds its first optimizer through ``torch._dynamo`` (seconds to import),
+    DP-SGD needs Opacus, HE TenSEAL, SecAgg+ Flower's legacy stack."""
+    torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    mechanism_mods(cfg)
+    from . import heterogeneity  # noqa: F401
+
+    if cfg.privacy.dp == "sample":
+        from .privacy import dp_sgd  # noqa: F401
+    if cfg.secure.aggregation == "he":
+        from . import crypto  # noqa: F401
+    if cfg.secure.aggregation == "secagg+":
+        from .crypto import secagg  # noqa: F401
+    if cfg.attack.kind != "off":
+        from . import attacks  # noqa: F401
 
 
 def build_client_app(config: Config | None = None) -> ClientApp:

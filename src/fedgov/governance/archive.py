@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import os
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -43,6 +44,17 @@ class UpdateArchive:
     def save_arrays(self, server_round: int, name: str, arrays: Sequence[np.ndarray]) -> Path:
         buffer = io.BytesIO()
         np.savez(buffer, *[np.asarray(a) for a in arrays])
+        path = self.round_dir(server_round) / f"{name}.npz"
+        _write_atomic(path, buffer.getvalue())
+        return path
+
+    def save_npy(self, server_round: int, name: str, npy_files: Sequence[bytes]) -> Path:
+        """As :meth:`save_arrays`, from arrays already in ``.npy`` form as messages carry them: the
+        bytes as received, without decoding and encoding them again."""
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+            for i, data in enumerate(npy_files):
+                archive.writestr(f"arr_{i}.npy", data)
         path = self.round_dir(server_round) / f"{name}.npz"
         _write_atomic(path, buffer.getvalue())
         return path

@@ -128,10 +128,12 @@ def mechanism_mods(config: Config | None) -> Mod:
     """
     from ..config import Config
 
+    fixed = _mods_for(config) if config is not None else None  # a fixed config: its mods, found once
+
     def run(message: Any, context: Any, call_next: Callable[[Any, Any], Any]) -> Any:
-        cfg = config if config is not None else Config.from_flat(context.run_config)
+        mods = fixed if fixed is not None else _mods_for(Config.from_flat(context.run_config))
         chain = call_next
-        for mod in reversed(_mods_for(cfg)):
+        for mod in reversed(mods):
             chain = _bind(mod, chain)
         return chain(message, context)
 

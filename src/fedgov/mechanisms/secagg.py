@@ -9,6 +9,7 @@ drives its own rounds (``run_rounds``), measured stage by stage.
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -28,15 +29,13 @@ def secagg_mod(config: Any) -> Any:
     from ..config import Config
     from ..crypto.secagg import is_secagg_message, secagg_train
     from ..data import build_federation
-    from ..models import build_model
 
     def mod(message: Message, context: Context, call_next: Any) -> Message:
         if not is_secagg_message(message):
             return call_next(message, context)
         cfg = config if config is not None else Config.from_flat(context.run_config)
         federation = build_federation(cfg.data, seed=cfg.seed)
-        names = list(build_model(cfg.model.name, input_shape=federation.input_shape,
-                                 num_classes=federation.num_classes, hidden=cfg.model.hidden).state_dict())
+        names = _parameter_names(cfg.model.name, federation.input_shape, federation.num_classes, cfg.model.hidden)
 
         def fit(arrays: list, round_config: dict[str, Any]) -> tuple[list, int, dict[str, float]]:
             import torch
@@ -56,6 +55,14 @@ def secagg_mod(config: Any) -> Any:
         return secagg_train(message, context, fit=fit, declined={Declined: CODE_DECLINED}, verify=cfg.secure.verify)
 
     return mod
+
+
+@functools.lru_cache(maxsize=8)
+def _parameter_names(model: str, input_shape: tuple[int, ...], num_classes: int, hidden: int) -> list[str]:
+    """The model's state_dict keys, in order (the legacy stack carries arrays without names)."""
+    from ..models import build_model
+
+    return list(build_model(model, input_shape=input_shape, num_classes=num_classes, hidden=hidden).state_dict())
 
 
 def _run_rounds(*args: Any, **kwargs: Any) -> Any:

@@ -26,6 +26,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from ..arrays import to_numpy
 from ..audit import digest_arrays
 from ..governance.archive import UpdateArchive
 
@@ -36,27 +37,35 @@ WEIGHT_KEY = "fedgov-weight"
 
 def check_update(arrays: ArrayRecord, reference: dict[str, np.ndarray], *, max_norm: float) -> str | None:
     """Why an update cannot be aggregated (None if it can)."""
+    return _read_update(arrays, reference, max_norm=max_norm)[1]
+
+
+def _read_update(arrays: ArrayRecord, reference: dict[str, np.ndarray], *, max_norm: float
+                 ) -> tuple[list[np.ndarray], str | None]:
+    """The update's arrays (read once, read-only) and why it cannot be aggregated (None if it can)."""
     if list(arrays.keys()) != list(reference):
         missing = sorted(set(reference) - set(arrays.keys()))
         extra = sorted(set(arrays.keys()) - set(reference))
-        return f"wrong arrays (missing {missing}, unexpected {extra})"
+        return [], f"wrong arrays (missing {missing}, unexpected {extra})"
     squared = 0.0
+    values = []
     for name, ref in reference.items():
         try:
-            value = arrays[name].numpy()
+            value = to_numpy(arrays[name])
         except Exception as exc:  # noqa: BLE001 - any decoding failure makes the update malformed
-            return f"array {name!r} cannot be read ({exc})"
+            return [], f"array {name!r} cannot be read ({exc})"
         if value.shape != ref.shape:
-            return f"array {name!r} has shape {list(value.shape)}, expected {list(ref.shape)}"
+            return [], f"array {name!r} has shape {list(value.shape)}, expected {list(ref.shape)}"
         if not np.issubdtype(value.dtype, np.number):
-            return f"array {name!r} is not numeric ({value.dtype})"
+            return [], f"array {name!r} is not numeric ({value.dtype})"
         if not np.all(np.isfinite(value)):
-            return f"array {name!r} holds NaN or Inf"
+            return [], f"array {name!r} holds NaN or Inf"
         squared += float(np.sum((value.astype(np.float64) - ref) ** 2))
+        values.append(value)
     norm = squared ** 0.5
     if max_norm > 0 and norm > max_norm:
-        return f"update norm {norm:.3g} exceeds governance.max_update_norm = {max_norm:g}"
-    return None
+        return [], f"update norm {norm:.3g} exceeds governance.max_update_norm = {max_norm:g}"
+    return values, None
 
 
 def policy_weight_map(policy: str, claimed: dict[int, float], *, cap: float) -> dict[int, float]:
@@ -92,20 +101,20 @@ class GovernedAggregation(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        self._reference = {k: a.numpy().astype(np.float64) for k, a in arrays.items()}
+        self._reference = {k: to_numpy(a).astype(np.float64) for k, a in arrays.items()}
         if self.archive is not None:
-            self.archive.save_arrays(server_round, "global", [a.numpy() for a in arrays.values()])
+            self.archive.save_npy(server_round, "global", [a.data for a in arrays.values()])
         return self.inner.configure_train(server_round, arrays, config, grid)
 
     def _clip(self, reply: Message) -> bool:
         arrays = reply.content["arrays"]
-        delta = {k: arrays[k].numpy().astype(np.float64) - ref for k, ref in self._reference.items()}
+        delta = {k: to_numpy(arrays[k]).astype(np.float64) - ref for k, ref in self._reference.items()}
         norm = float(np.sqrt(sum(np.sum(d ** 2) for d in delta.values())))
         if norm <= self.clip_update_norm:
             return False
         scale = self.clip_update_norm / norm
         reply.content["arrays"] = ArrayRecord({
-            k: Array((self._reference[k] + scale * d).astype(arrays[k].numpy().dtype)) for k, d in delta.items()})
+            k: Array((self._reference[k] + scale * d).astype(to_numpy(arrays[k]).dtype)) for k, d in delta.items()})
         return True
 
     def _down_weight_similar(self, accepted: list[Message], weights: dict[int, float]
@@ -113,7 +122,7 @@ class GovernedAggregation(Strategy):
         """FoolsGold-style: weight x (1 - highest cosine similarity to another update), rescaled so the
         least similar update keeps its full weight; returns the new weights and each one's similarity."""
         coops = [self.node_to_cooperative.get(r.metadata.src_node_id, -1) for r in accepted]
-        deltas = np.stack([np.concatenate([(r.content["arrays"][k].numpy().astype(np.float64) - ref).ravel()
+        deltas = np.stack([np.concatenate([(to_numpy(r.content["arrays"][k]).astype(np.float64) - ref).ravel()
                                            for k, ref in self._reference.items()]) for r in accepted])
         norms = np.linalg.norm(deltas, axis=1)
         unit = deltas / np.where(norms > 0, norms, 1.0)[:, None]
@@ -140,8 +149,8 @@ class GovernedAggregation(Strategy):
                 continue
             coop = self.node_to_cooperative.get(reply.metadata.src_node_id, -1)
             arrays = reply.content.get("arrays")
-            reason = ("no model arrays in the reply" if not isinstance(arrays, ArrayRecord)
-                      else check_update(arrays, self._reference, max_norm=self.max_update_norm))
+            values, reason = (([], "no model arrays in the reply") if not isinstance(arrays, ArrayRecord)
+                              else _read_update(arrays, self._reference, max_norm=self.max_update_norm))
             metrics = reply.content.get("metrics", {})
             size = metrics.get("num-examples") if reason is None else None
             if reason is None and not (isinstance(size, (int, float)) and np.isfinite(size) and size > 0):
@@ -149,10 +158,9 @@ class GovernedAggregation(Strategy):
             if reason is not None:
                 rejected.append({"cooperative": coop, "reason": f"rejected update: {reason}", "rejected": True})
                 continue
-            values = [a.numpy() for a in arrays.values()]
             digests[coop] = digest_arrays(values)
             if self.archive is not None:
-                self.archive.save_arrays(server_round, f"coop_{coop:03d}", values)
+                self.archive.save_npy(server_round, f"coop_{coop:03d}", [a.data for a in arrays.values()])
             claimed[coop] = float(size)
             if self.clip_update_norm > 0 and self._clip(reply):
                 clipped.append(coop)
