@@ -165,6 +165,7 @@ class RunRecord:
             "bytes_up": log.bytes_up,
             "bytes_down": log.bytes_down,
             "bytes_by_stage": log.bytes_by_stage,
+            "messages_by_stage": log.messages_by_stage,
             "participants": len(contributors),
             "sampled": log.sampled,
             "contributors": contributors,

@@ -515,7 +515,7 @@ def run_secagg_rounds(grid: Grid, cfg: Config, *, initial_arrays: ArrayRecord, n
         log.seconds_train = state.seconds[Stage.COLLECT_MASKED_VECTORS]
         log.seconds_aggregate = state.seconds[Stage.UNMASK]
         if hasattr(grid, "take"):  # a TrafficMeter: all four stages and the evaluation, counted alike
-            log.bytes_by_stage = grid.take()
+            log.bytes_by_stage, log.messages_by_stage = grid.take()
             log.bytes_up = sum(b["up"] for b in log.bytes_by_stage.values())
             log.bytes_down = sum(b["down"] for b in log.bytes_by_stage.values())
         else:

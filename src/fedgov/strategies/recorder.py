@@ -55,6 +55,7 @@ class RoundLog:
     bytes_up: int = 0
     # Every message of the round by stage (fedgov.traffic), when the grid is a TrafficMeter.
     bytes_by_stage: dict[str, dict[str, int]] = field(default_factory=dict)
+    messages_by_stage: dict[str, dict[str, int]] = field(default_factory=dict)
     participants: list[int] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
     client_train: dict[int, dict[str, float]] = field(default_factory=dict)
@@ -166,7 +167,7 @@ class RoundRecorder(Strategy):
         log.seconds_evaluate = time.perf_counter() - self._phase_start
         result = self.inner.aggregate_evaluate(server_round, replies) if replies else None
         if self.meter is not None:  # the round's last message: train, decryption and evaluation, counted alike
-            log.bytes_by_stage = self.meter.take()
+            log.bytes_by_stage, log.messages_by_stage = self.meter.take()
             log.bytes_up = sum(s["up"] for s in log.bytes_by_stage.values())
             log.bytes_down = sum(s["down"] for s in log.bytes_by_stage.values())
         return result
