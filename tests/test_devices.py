@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fedgov.config import Config
-from fedgov.simulate import backend_config
+from fedgov.engine.flower import backend_config
 from fedgov.task import resolve_device
 
 

@@ -228,12 +228,20 @@ class ParticipationConfig:
 @dataclass
 class RuntimeConfig:
     device: str = _spec("auto", choices=("auto", "cpu", "cuda"), doc="where clients train")
-    client_cpus: float = _spec(1.0, low=0.0, low_open=True, doc="CPUs reserved per simulated client")
+    engine: str = _spec("pool", choices=("pool", "flower"),
+                        doc="simulation engine: 'pool' (fedgov's pool of workers behind Flower's Grid) or "
+                            "'flower' (Flower's own run_simulation on Ray)")
+    workers: int = _spec(-1, low=-1, doc="pool engine: worker processes (-1: one per core; 0: every ClientApp in "
+                                         "the server's own process, for debugging and profiling); with "
+                                         "runtime.ray_address, Ray actors (-1: one per client_cpus CPUs)")
+    client_cpus: float = _spec(1.0, low=0.0, low_open=True,
+                               doc="CPUs reserved per simulated client (Flower's engine) or per Ray actor of the pool")
     client_gpu_fraction: float = _spec(0.25, low=0.0, high=1.0,
-                                       doc="GPU share per simulated client when training on CUDA")
+                                       doc="GPU share per simulated client (Flower's engine) or per Ray actor of the "
+                                           "pool, when training on CUDA")
     poll_interval: float = _spec(0.005, low=0.0, high=1.0, low_open=True,
-                                 doc="seconds between the simulation grid's polls for replies (Flower's default, "
-                                     "0.1, would quantize every phase time)")
+                                 doc="Flower's engine: seconds between its grid's polls for replies (Flower's "
+                                     "default, 0.1, would quantize every phase time); the pool engine does not poll")
     ray_address: str = _spec("", doc="an existing Ray cluster to simulate on ('auto' or HOST:PORT of its head); "
                                      "empty: a local Ray instance of fedgov's own, never a cluster merely "
                                      "recorded on this machine")

@@ -75,8 +75,8 @@ def discover_cooperatives(grid: Grid, node_ids: list[int], timeout: float, *, nu
 
     Returns node -> cooperative, each cooperative's statistics, and the custodian's node (if any).
     """
-    messages = [Message(content=RecordDict({"config": ConfigRecord({})}), message_type=MessageType.QUERY,
-                        dst_node_id=node) for node in node_ids]
+    query = RecordDict({"config": ConfigRecord({})})  # one content for all, as Flower's strategies send theirs
+    messages = [Message(content=query, message_type=MessageType.QUERY, dst_node_id=node) for node in node_ids]
     node_to_coop: dict[int, int] = {}
     stats: dict[int, dict[str, Any]] = {}
     custodians: list[int] = []

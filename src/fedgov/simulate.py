@@ -1,4 +1,4 @@
-"""``python -m fedgov.simulate``: run a federation of data cooperatives in Flower's simulation engine.
+"""``python -m fedgov.simulate``: run a federation of data cooperatives in a simulation engine.
 
 Prints progress per round and a summary table; the last line of standard output
 is the run directory.
@@ -7,6 +7,7 @@ is the run directory.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -38,69 +39,33 @@ def _quiet_environment() -> None:
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 
-class _HideRunSimulationDeprecation(logging.Filter):
-    """Flower 1.42 marks ``run_simulation`` deprecated in favour of ``flwr run``. fedgov still
-    calls it: only the in-process engine lets the ServerApp and ClientApp share fedgov's typed
-    Config and progress callback (``flwr run`` serialises apps and config through a SuperLink,
-    which fedgov also supports, see the README). The banner says nothing a fedgov user can act
-    on, so this filter drops that one record and nothing else."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "`run_simulation` function is deprecated" not in record.getMessage()
-
-
-def backend_config(cfg: Config, *, verbose: bool = False) -> dict[str, Any]:
-    """Ray resources: each simulated cooperative gets CPUs and, on CUDA, a GPU fraction.
-
-    Ray is told where to run: ``runtime.ray_address`` when set, else ``local``, a new
-    instance of fedgov's own. Left to itself, ``ray.init`` would attach to whatever cluster
-    ``RAY_ADDRESS`` or the last ``ray start`` recorded in Ray's temp folder names, and wait
-    minutes for a head node that may have died long ago.
-    """
-    import torch
-
-    use_cuda = cfg.runtime.device == "cuda" or (cfg.runtime.device == "auto" and torch.cuda.is_available())
-    return {
-        "client_resources": {
-            "num_cpus": cfg.runtime.client_cpus,
-            "num_gpus": cfg.runtime.client_gpu_fraction if use_cuda else 0.0,
-        },
-        "init_args": {"address": cfg.runtime.ray_address or "local", "logging_level": "ERROR",
-                      "log_to_driver": verbose, "include_dashboard": False},
-    }
-
-
 def simulate(cfg: Config, run_dir: Path, *, show_progress: bool = True, verbose: bool = False) -> dict[str, Any]:
-    """Run the federation described by ``cfg`` into ``run_dir``; return its summary."""
+    """Run the federation described by ``cfg`` into ``run_dir`` on ``runtime.engine``; return its summary."""
     _quiet_environment()
-    from flwr.simulation import run_simulation
-
-    from .client_app import build_client_app
+    from .client_app import build_client_app, preload
+    from .engine import start_engine
     from .progress import RoundProgress
     from .server_app import build_server_app
 
-    flwr_logger = logging.getLogger("flwr")
-    flwr_logger.addFilter(_HideRunSimulationDeprecation())
     if not verbose:
         # Failures reach the user as fedgov's one-line errors; Flower's tracebacks only with --verbose.
-        flwr_logger.setLevel(logging.CRITICAL)
+        logging.getLogger("flwr").setLevel(logging.CRITICAL)
     if cfg.secure.aggregation == "he":  # out-of-band key distribution, before anyone starts
         from .crypto.keys import provision
 
         provision(cfg.secure.key_dir, preset=cfg.secure.preset, key_holder=cfg.secure.key_holder,
                   board_size=cfg.governance.board_size, board_threshold=cfg.governance.board_threshold)
-    with RoundProgress(total=cfg.train.rounds, enabled=show_progress) as progress:
-        run_simulation(
-            server_app=build_server_app(cfg, run_dir, on_round=progress.update),
-            client_app=build_client_app(cfg),
-            # One node per identity (sybils included), + the custodian, a node of its own.
-            num_supernodes=build_federation(cfg.data, seed=cfg.seed).num_cooperatives + extra_nodes(cfg),
-            backend_config=backend_config(cfg, verbose=verbose),
-            verbose_logging=verbose,
-        )
+    # One node per identity (sybils included), + the custodian, a node of its own.
+    num_nodes = build_federation(cfg.data, seed=cfg.seed).num_cooperatives + extra_nodes(cfg)
+    preload(cfg)  # before the pool's workers are forked from this process
+    with start_engine(cfg, client_app_fn=functools.partial(build_client_app, cfg), num_nodes=num_nodes,
+                      verbose=verbose) as engine, \
+            RoundProgress(total=cfg.train.rounds, enabled=show_progress) as progress:
+        engine.run(build_server_app(cfg, run_dir, on_round=progress.update))
     summary_path = run_dir / "summary.json"
     if not summary_path.is_file():
-        raise RuntimeError(f"the federation stopped before writing {summary_path} (run with --verbose for Flower's log)")
+        raise RuntimeError(f"the federation stopped before writing {summary_path} (run with --verbose for the "
+                           f"engine's log)")
     return read_json(summary_path)
 
 
