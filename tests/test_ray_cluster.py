@@ -1,5 +1,7 @@
 """The simulation on an existing Ray cluster when asked (runtime.ray_address), and never on one merely recorded.
 
+Both engines run there: the pool engine's workers as Ray actors, and Flower's own engine.
+
 A Ray head and one worker node are started on 127.0.0.1 with ``ray start --block`` (each
 in a session of its own, stopped by PID through ``FlowerProcesses``), in a Ray temp
 folder of the test's own (``RAY_TMPDIR``), as docs/deployment.md's multi-machine steps
@@ -69,13 +71,22 @@ def test_a_federation_runs_on_a_ray_cluster_and_a_dead_one_is_never_joined(tmp_p
             assert time.monotonic() < deadline and not procs.exited(), procs.log_tails()
             time.sleep(1)
 
-        on_cluster = _simulate(procs.env, "--set", f"runtime.ray_address={address}", "--out", str(tmp_path / "a"))
-        run_dir = run_dir_of(on_cluster)
-        _check_rounds(run_dir)
-        assert f'ray_address = "{address}"' in (run_dir / "config.toml").read_text()
-        # The run's driver joined this cluster: its session holds the driver's log.
-        sessions = list((ray_tmp / "ray").glob("session_*/logs/python-core-driver-*"))
-        assert sessions, "no driver ever connected to the test's Ray cluster"
+        # Both engines on the cluster: the pool's workers as Ray actors (the default), and Flower's own.
+        for engine in ("pool", "flower"):
+            drivers_before = set((ray_tmp / "ray").glob("session_*/logs/python-core-driver-*"))
+            on_cluster = _simulate(procs.env, "--set", f"runtime.ray_address={address}",
+                                   "--set", f"runtime.engine={engine}", "--out", str(tmp_path / engine))
+            run_dir = run_dir_of(on_cluster)
+            _check_rounds(run_dir)
+            config = (run_dir / "config.toml").read_text()
+            assert f'ray_address = "{address}"' in config and f'engine = "{engine}"' in config
+            # The run's driver joined this cluster: its session holds the driver's log.
+            drivers = set((ray_tmp / "ray").glob("session_*/logs/python-core-driver-*")) - drivers_before
+            assert drivers, f"no driver of the {engine} engine connected to the test's Ray cluster"
+        # The pool's ClientApps ran in actors of the cluster, one per CPU of its two nodes.
+        actors = [p for p in (ray_tmp / "ray").glob("session_*/logs/worker-*.out")
+                  if "_ActorRunner" in p.read_text(errors="replace")]
+        assert len(actors) >= 2, "the pool engine started no actors on the cluster"
     finally:
         leftovers = procs.stop_all()
     assert not leftovers, f"Ray processes still alive: {leftovers}"
