@@ -156,7 +156,7 @@ def test_a_failing_cooperative_is_one_line_and_a_clean_record(tmp_path):
     failing = ["--set", "secure.aggregation=he", "--set", "attack.kind=noise", "--set", "attack.noise_std=1000",
                "--set", "attack.cooperatives=3", "--set", "train.rounds=2", "--set", "data.num_cooperatives=4",
                "--set", "data.partition=iid"]
-    proc = run_simulate(*failing, "--out", str(tmp_path / "quiet"))
+    proc = run_simulate(*failing, "--out", str(tmp_path / "quiet"), process=True)  # every library's stderr
     assert proc.returncode == 1, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.strip()]
     assert errors == [line for line in errors if line.startswith("fedgov.simulate: error: ")], proc.stderr
@@ -177,7 +177,8 @@ def test_a_failing_cooperative_is_one_line_and_a_clean_record(tmp_path):
     after_start = "\n".join(line for line in audit.splitlines() if '"kind":"run_start"' not in line)
     assert "HEError: " in audit and "ray" not in after_start.lower() and "\\u001b" not in audit
 
-    verbose = run_simulate(*failing, "--set", "train.rounds=1", "--verbose", "--out", str(tmp_path / "verbose"))
+    verbose = run_simulate(*failing, "--set", "train.rounds=1", "--verbose", "--out", str(tmp_path / "verbose"),
+                           process=True)
     assert verbose.returncode == 1
     assert "Traceback" in verbose.stderr and "HEError" in verbose.stderr  # the full trace, on request
 

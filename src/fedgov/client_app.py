@@ -300,6 +300,8 @@ def preload(cfg: Config) -> None:
     from . import heterogeneity  # noqa: F401
 
     if cfg.privacy.dp == "sample":
+        import opacus  # noqa: F401
+
         from .privacy import dp_sgd  # noqa: F401
     if cfg.secure.aggregation == "he":
         from . import crypto  # noqa: F401

@@ -59,7 +59,7 @@ class DataConfig:
                          doc="which data the cooperatives hold")
     partition: str = _spec("dirichlet", choices=("iid", "dirichlet", "powerlaw", "natural"),
                            doc="how the data is split into cooperatives")
-    num_cooperatives: int = _spec(10, low=1, high=10_000,
+    num_cooperatives: int = _spec(10, low=1, high=1_000_000,
                                   doc="number of cooperatives (clients); a CSV's natural partition sets it from the data")
     alpha: float = _spec(0.5, low=0.0, low_open=True, doc="Dirichlet concentration (label skew)")
     powerlaw_exponent: float = _spec(1.5, low=0.0, low_open=True,

@@ -129,10 +129,14 @@ def test_quick_benchmark_writes_results_report_and_verdicts(tmp_path):
     assert verdicts and all(r["budget_ms"] > 0 and r["p99_ms"] > 0 and r["verdict"] in ("meets", "misses")
                             for r in verdicts)
     assert {r["part"] for r in verdicts} == {"inference", "freshness"}
-    rounds = {r["mechanism"]: r for r in rows if r["suite"] == "round"}
+    rounds = {r["mechanism"]: r for r in rows if r["suite"] == "round" and r.get("kind") == "round"}
     assert rounds["he"]["encrypt_max_seconds"] > 0 and rounds["none"]["round_seconds"] > 0
     assert rounds["floor"]["engine"] == "none" and rounds["floor"]["final_accuracy"] == rounds["none"]["final_accuracy"]
-    assert rounds["he"]["floor_ratio"] > 1 and rounds["he"]["engine_seconds"] == rounds["none"]["engine_seconds"]
+    assert rounds["he"]["engine"] == rounds["none"]["engine"] == "pool"
+    assert rounds["he"]["engine_seconds"] == rounds["none"]["engine_seconds"]
+    assert rounds["he"]["mechanism_seconds"] == pytest.approx(rounds["he"]["round_seconds"] - rounds["none"]["round_seconds"])
+    (target,) = [r for r in rows if r["suite"] == "round" and r.get("kind") == "target"]
+    assert target["value"] == rounds["none"]["floor_ratio"] and target["verdict"] in ("meets", "misses")
     header = (out / "results.csv").read_text().splitlines()[0].split(",")
     assert "suite" in header and len((out / "results.csv").read_text().splitlines()) == len(rows) + 1
     for name in ("aggregation.png", "round.png", "realtime.png", "dp_training.png"):
@@ -310,7 +314,7 @@ def test_freshness_uses_round_rows_only_with_enough_timed_rounds(tmp_path, monke
 
     calls = []
 
-    def fake_simulate(mechanism, *, rounds, cooperatives, device, out, seed=0):
+    def fake_simulate(mechanism, *, rounds, cooperatives, device, out, seed=0, engine="pool"):
         calls.append((mechanism, rounds))
         return _round_metrics(rounds)
 
@@ -352,18 +356,24 @@ def test_round_rows_split_engine_from_mechanism_against_the_floor():
                  "phase_seconds": {"train": train, "local_train_max": local, "evaluate": 0.01}}] * 3
 
     summarized = round_suite.split_costs([
-        round_suite.summarize("none", rows(0.20, 0.12, 0.02), device="cpu"),
-        round_suite.summarize("he", rows(0.50, 0.30, 0.02), device="cpu"),
+        round_suite.summarize("none", rows(0.12, 0.08, 0.02), device="cpu"),
+        round_suite.summarize("he", rows(0.42, 0.30, 0.02), device="cpu"),
+        round_suite.summarize("none", rows(0.30, 0.20, 0.02), device="cpu", engine="flower"),
         round_suite.summarize(round_suite.FLOOR, rows(0.10, 0.08, 0.02), device="cpu")])
-    plain, he, floor = summarized
-    assert floor["engine"] == "none" and plain["engine"] == he["engine"] == "flower"
-    assert plain["floor_ratio"] == pytest.approx(2.0) and he["floor_ratio"] == pytest.approx(5.0)
-    assert he["round_ratio"] == pytest.approx(2.5) and floor["round_ratio"] == pytest.approx(0.5)
-    assert he["engine_seconds"] == pytest.approx(0.10) and he["mechanism_seconds"] == pytest.approx(0.30)
+    plain, he, flower, floor = summarized
+    assert floor["engine"] == "none" and plain["engine"] == he["engine"] == "pool" and flower["engine"] == "flower"
+    assert plain["floor_ratio"] == pytest.approx(1.2) and he["floor_ratio"] == pytest.approx(4.2)
+    assert he["round_ratio"] == pytest.approx(3.5) and floor["round_ratio"] == pytest.approx(0.1 / 0.12)
+    assert he["engine_seconds"] == pytest.approx(0.02) and he["mechanism_seconds"] == pytest.approx(0.30)
+    assert flower["engine_seconds"] == pytest.approx(0.20) and flower["mechanism_seconds"] == pytest.approx(0.0)
     assert plain["mechanism_seconds"] == pytest.approx(0.0) and "engine_seconds" not in floor
-    text = round_suite.report(summarized)
-    assert "| he | 0.500 | 2.50 | 5.00 | 0.100 | +0.300 | 60% |" in text
-    assert "floor (no engine)" in text and "0.100 s of each round is the engine's" in text
+    (verdict,) = round_suite.verdicts(summarized)
+    assert verdict["value"] == pytest.approx(1.2) and verdict["verdict"] == "meets"
+    text = round_suite.report(summarized + [verdict])
+    assert "| he | 0.420 | 3.50 | 4.20 | +0.020 | +0.300 | 71% |" in text
+    assert "| none (flower) | 0.300 | 2.50 | 3.00 | +0.200 | +0.000 | 0% |" in text
+    assert "floor (no engine)" in text and "+0.020 s of each round is the engine's" in text
+    assert "+0.200 s of each round is the engine's" in text and "measured 1.20, **meets**" in text
 
 
 def test_gpu_check_script_parses_and_refuses_a_machine_without_cuda(tmp_path):
@@ -433,8 +443,8 @@ def test_scale_verdicts_and_report():
              "wall_seconds": 900.0, "rounds_done": 1, "peak_memory_bytes": 2e9, "peak_processes": 7,
              "error": "did not finish within 900 s (1 rounds done)"}]
     verdicts = {(v["members"], v["target"]): v for v in scale.verdicts(rows)}
-    assert verdicts[(1000, "wall_seconds")]["verdict"] == "misses" and verdicts[(1000, "wall_seconds")]["value"] == 70
-    assert verdicts[(1000, "floor_ratio")]["verdict"] == "misses"
+    assert verdicts[(1000, "floor_ratio")]["verdict"] == "misses" and verdicts[(1000, "floor_ratio")]["value"] == 3.5
+    assert (1000, "wall_seconds") not in verdicts  # 1,000 members have a ratio target, no wall-time target
     assert verdicts[(10000, "peak_memory_gb")]["verdict"] == "unknown"
     scale.TARGETS[3000] = {"wall_seconds": 600.0, "peak_memory_gb": 8.0}
     try:
@@ -445,8 +455,15 @@ def test_scale_verdicts_and_report():
     assert timed["wall_seconds"]["verdict"] == "misses" and timed["wall_seconds"]["value"] == 900
     assert timed["peak_memory_gb"]["verdict"] == "unknown"
     text = scale.report(rows + list(verdicts.values()))
-    assert "| 3,000 | synthetic | 5 | - | > 900 (did not finish within 900 s (1 rounds done))" in text
-    assert "| 1,000 | synthetic | 20 | 50 | 70.0 | 20.0 | 3.50 |" in text and "failed: fedgov.simulate exited 1" in text
+    assert "| 3,000 | pool | synthetic | 5 | - | > 900 (did not finish within 900 s (1 rounds done))" in text
+    assert "| 1,000 | pool | synthetic | 20 | 50 | 70.0 | 20.0 | 3.50 |" in text
+    assert "failed: fedgov.simulate exited 1" in text
+    # A size also run on Flower's engine is reported, and never held to the pool's targets.
+    flower_row = {**ok, "members": 1000, "engine": "flower", "wall_seconds": 140.0, "floor_ratio": 7.0}
+    assert [v for v in scale.verdicts([flower_row])] == []
+    assert "| 1,000 | flower | synthetic | 20 | 50 | 140.0 |" in scale.report([flower_row])
+    assert scale.case_settings(1000, rounds=20, fraction=0.05, dataset="synthetic", examples_per_member=40,
+                               device="cpu", engine="flower")["runtime.engine"] == "flower"
     assert scale.case_settings(10, rounds=20, fraction=1.0, dataset="digits", examples_per_member=40,
                                device="cpu") == {"seed": 0, "train.rounds": 20, "data.num_cooperatives": 10,
                                                  "strategy.fraction_train": 1.0, "runtime.device": "cpu"}
@@ -462,7 +479,7 @@ def test_scale_measures_a_small_federation_and_its_floor(tmp_path):
     assert row["sampled_per_round"] == 5 and row["floor_final_accuracy"] == pytest.approx(row["final_accuracy"])
     assert row["wall_seconds"] > row["rounds_seconds"] > 0 and row["startup_seconds"] > 0
     assert row["floor_ratio"] == pytest.approx(row["wall_seconds"] / row["floor_wall_seconds"])
-    if row["peak_memory_bytes"] is not None:  # Ray's processes counted: more than the floor's one process
+    if row["peak_memory_bytes"] is not None:  # the pool's workers counted: more than the floor's one process
         assert row["peak_processes"] > 2 and row["peak_memory_bytes"] > row["floor_peak_memory_bytes"]
     paths = scale.figures([row], tmp_path)
     assert paths and paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

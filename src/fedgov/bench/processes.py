@@ -3,8 +3,11 @@
 A simulation is not one process: Ray starts a GCS server, a raylet, workers and its
 helpers, some of them in sessions of their own. Each inherits the environment, so the
 command runs with a unique marker variable and every live process that carries it is
-counted (resident set size, from ``/proc``), sampled a few times a second. Where there is
-no ``/proc`` the peak is unknown (``None``).
+counted, sampled a few times a second, two ways: the sum of resident set sizes (RSS), in
+which a page shared by several processes (a forked worker's copy of the server's data,
+say) counts once per process, and the sum of proportional set sizes (PSS, from
+``smaps_rollup``), in which it counts once in all: the memory the command holds. Where
+there is no ``/proc`` the peaks are unknown (``None``).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Measured", "run_measured", "tagged_pids", "tagged_rss_bytes"]
+__all__ = ["Measured", "run_measured", "tagged_memory", "tagged_pids", "tagged_rss_bytes"]
 
 MARKER = "FEDGOV_BENCH_PROCESS_TAG"
 
@@ -33,6 +36,7 @@ class Measured:
     peak_rss_bytes: int | None  # summed over every process carrying the marker, at its highest sample
     peak_processes: int  # how many processes were counted at that sample
     timed_out: bool = False  # stopped at the timeout, with every process it started
+    peak_pss_bytes: int | None = None  # the same with shared pages counted once (None: no smaps_rollup)
 
 
 def _tagged(tag: str) -> list[Path]:
@@ -56,19 +60,30 @@ def tagged_pids(tag: str) -> list[int]:
 
 def tagged_rss_bytes(tag: str) -> tuple[int, int] | None:
     """(total resident bytes, processes) of the live processes whose environment carries ``tag``."""
+    found = tagged_memory(tag)
+    return None if found is None else (found[0], found[2])
+
+
+def tagged_memory(tag: str) -> tuple[int, int | None, int] | None:
+    """(total RSS bytes, total PSS bytes or None, processes) of the live processes carrying ``tag``."""
     if not Path("/proc").is_dir():
         return None
-    total = count = 0
+    rss = pss = count = 0
+    pss_known = True
     for entry in _tagged(tag):
         try:
-            for line in (entry / "status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-                    count += 1
-                    break
-        except OSError:  # gone, or not ours to read
+            resident = next(int(line.split()[1]) * 1024 for line in (entry / "status").read_text().splitlines()
+                            if line.startswith("VmRSS:"))
+        except (OSError, StopIteration):  # gone, not ours to read, or a kernel thread
             continue
-    return total, count
+        rss += resident
+        count += 1
+        try:
+            pss += next(int(line.split()[1]) * 1024 for line in
+                        (entry / "smaps_rollup").read_text().splitlines() if line.startswith("Pss:"))
+        except (OSError, StopIteration):
+            pss_known = False
+    return rss, (pss if pss_known else None), count
 
 
 def run_measured(argv: Sequence[str], *, env: Mapping[str, str] | None = None, timeout: float | None = None,
@@ -77,14 +92,22 @@ def run_measured(argv: Sequence[str], *, env: Mapping[str, str] | None = None, t
     tag = uuid.uuid4().hex
     environment = {**(os.environ if env is None else env), MARKER: tag}
     peak: list[int] = [0, 0]
-    measurable = tagged_rss_bytes(tag) is not None
+    peak_pss: list[int | None] = [0]
+    measurable = tagged_memory(tag) is not None
     done = threading.Event()
 
     def sample() -> None:
         while not done.wait(interval):
-            found = tagged_rss_bytes(tag)
-            if found is not None and found[0] > peak[0]:
-                peak[0], peak[1] = found
+            found = tagged_memory(tag)
+            if found is None:
+                continue
+            rss, pss, count = found
+            if rss > peak[0]:
+                peak[0], peak[1] = rss, count
+            if pss is None and count:
+                peak_pss[0] = None  # some process's PSS could not be read: the sum is unknown
+            elif peak_pss[0] is not None and pss is not None:
+                peak_pss[0] = max(peak_pss[0], pss)
 
     sampler = threading.Thread(target=sample, daemon=True)
     started = time.perf_counter()
@@ -106,7 +129,8 @@ def run_measured(argv: Sequence[str], *, env: Mapping[str, str] | None = None, t
         if proc.poll() is None:  # interrupted (Ctrl-C): leave nothing of it running
             _stop(proc, tag)
     return Measured(returncode=proc.returncode, stdout=stdout, stderr=stderr, wall_seconds=wall,
-                    peak_rss_bytes=peak[0] if measurable else None, peak_processes=peak[1], timed_out=timed_out)
+                    peak_rss_bytes=peak[0] if measurable else None, peak_processes=peak[1], timed_out=timed_out,
+                    peak_pss_bytes=peak_pss[0] if measurable and peak_pss[0] else None)
 
 
 def _stop(proc: subprocess.Popen, tag: str, grace: float = 10.0) -> None:

@@ -20,7 +20,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
 from .tasks import ClientRunner, Result, Task, error_reply
-from .workers import EngineError, WorkerPool
+from .workers import EngineError, WorkerPool, quiet
 
 __all__ = ["RayWorkers"]
 
@@ -33,7 +33,7 @@ class _ActorRunner:
     def __init__(self, app_fn: Callable[[], ClientApp], run_id: int, num_partitions: int, log_level: int) -> None:
         import torch
 
-        logging.getLogger("flwr").setLevel(log_level)
+        quiet(log_level)
         torch.set_num_threads(1)
         self.runner = ClientRunner(app_fn, run_id=run_id, num_partitions=num_partitions)
 

@@ -42,7 +42,7 @@ from flwr.common.constant import ErrorCode
 from .tasks import ClientRunner, Result, Task, dumps, error_reply
 
 __all__ = ["EngineError", "WorkerPool", "ProcessWorkers", "InProcessWorkers", "default_worker_count",
-           "start_method"]
+           "quiet", "start_method"]
 
 MAX_CHUNK = 64  # tasks sent to a worker at once
 FLUSH_SECONDS = 0.05  # a worker sends what it has done at least this often during a long chunk
@@ -143,6 +143,17 @@ class WorkerPool(ABC):
 # Worker processes
 # ---------------------------------------------------------------------------------------
 
+def quiet(log_level: int) -> None:
+    """A worker's logs at the server's level; without --verbose its warnings too stay out of the
+    user's terminal, as they stay in Ray's logs on Flower's engine."""
+    import logging
+    import warnings
+
+    logging.getLogger("flwr").setLevel(log_level)
+    if log_level > logging.WARNING:
+        warnings.simplefilter("ignore")
+
+
 def _worker_main(conn: Connection, current: Any, app_fn: Callable[[], ClientApp], run_id: int,
                  num_partitions: int, log_level: int, inherited: list[Connection]) -> None:
     """A worker process: build the ClientApp once, then run the chunks of tasks the server sends.
@@ -151,12 +162,10 @@ def _worker_main(conn: Connection, current: Any, app_fn: Callable[[], ClientApp]
     chunk. ``current`` (shared memory) names the task running now, -1 between tasks, so that
     the server knows which task a worker that dies was running without a message per task.
     """
-    import logging
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle; it stops the workers
     for other in inherited:  # forked: the server's ends of the other workers' pipes are not ours
         other.close()
-    logging.getLogger("flwr").setLevel(log_level)
+    quiet(log_level)
     parent = os.getppid()
     try:
         import torch

@@ -1,13 +1,18 @@
 """Suite ``scale``: how wall time and memory grow with the number of members, beside the engine-free floor.
 
-Each size runs ``python -m fedgov.simulate`` in its own process (10 members: the default
-run, digits; more: synthetic data split IID, a fraction sampled per round) and the same
-rounds with ``python -m fedgov.floor`` (fedgov's own training and evaluation code in one
-process, without Flower). Both are timed whole, from the command's start to its exit, and
-their peak memory is the highest sum of resident memory over every process the command
-started (Ray's included, ``fedgov.bench.processes``). ``startup`` is the simulation's wall
-time outside its rounds (Python and Ray start-up, the nodes joining, discovery, the
-summary). Each size is checked against the targets in ``TARGETS``.
+Each size runs ``python -m fedgov.simulate`` in its own process on the pool engine (10
+members: the default run, digits; more: synthetic data split IID, a fraction sampled per
+round) and the same rounds with ``python -m fedgov.floor`` (fedgov's own training and
+evaluation code in one process, without Flower, on one core). Both are timed whole, from
+the command's start to its exit, and their peak memory is the highest total over every
+process the command started (the pool's workers, or Ray's processes, included:
+``fedgov.bench.processes``): ``peak_memory_bytes`` counts each page once (the sum of
+proportional set sizes: a forked worker shares the server's data, which it never copies),
+``peak_rss_bytes`` once per process that maps it (the sum of resident set sizes, an upper
+bound). Where PSS cannot be read, ``peak_memory_bytes`` falls back on the RSS sum. ``startup`` is the simulation's wall time outside its rounds (Python start-up,
+imports, the data, discovery, the summary). The sizes in ``flower_members`` also run on
+Flower's own engine (``runtime.engine = "flower"``), for comparison. Each pool size is
+checked against the targets in ``TARGETS``.
 """
 
 from __future__ import annotations
@@ -25,17 +30,20 @@ from ..processes import run_measured
 
 # members -> {measure: limit}: wall seconds, the ratio of wall time to the floor's, peak memory (GB).
 TARGETS: dict[int, dict[str, float]] = {
-    10: {"floor_ratio": 2.0},
-    1000: {"wall_seconds": 60.0, "floor_ratio": 3.0},
-    10000: {"wall_seconds": 600.0, "peak_memory_gb": 8.0},
+    10: {"floor_ratio": 1.2},
+    1000: {"floor_ratio": 1.2},
+    10000: {"floor_ratio": 1.3, "peak_memory_gb": 4.0},
+    100000: {"wall_seconds": 600.0, "peak_memory_gb": 8.0},
 }
 
 
 def case_settings(members: int, *, rounds: int, fraction: float, dataset: str, examples_per_member: int,
-                  device: str) -> dict[str, Any]:
+                  device: str, engine: str = "pool") -> dict[str, Any]:
     """The ``--set`` overrides of one size (the default run's config for digits)."""
     sets: dict[str, Any] = {"seed": 0, "train.rounds": rounds, "data.num_cooperatives": members,
                             "strategy.fraction_train": fraction, "runtime.device": device}
+    if engine != "pool":
+        sets["runtime.engine"] = engine
     if dataset != "digits":
         sets.update({"data.dataset": dataset, "data.partition": "iid",
                      "data.synthetic_samples": members * examples_per_member})
@@ -57,20 +65,22 @@ def _failure(measured: Any, what: str) -> str:
 def measure_size(members: int, sets: dict[str, Any], work: Path, *, timeout: float) -> dict[str, Any]:
     """One size: the simulation and its floor, each timed and metered whole."""
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
-    row: dict[str, Any] = {"kind": "scale", "members": members, "rounds": sets["train.rounds"],
+    engine = sets.get("runtime.engine", "pool")
+    row: dict[str, Any] = {"kind": "scale", "members": members, "engine": engine, "rounds": sets["train.rounds"],
                            "fraction": sets["strategy.fraction_train"], "dataset": sets.get("data.dataset", "digits")}
-    sim = run_measured(_command("fedgov.simulate", sets, "--no-progress", "--out", str(work / f"{members}")),
-                       env=env, timeout=timeout)
+    runs = work / f"{members}-{engine}"
+    sim = run_measured(_command("fedgov.simulate", sets, "--no-progress", "--out", str(runs)), env=env, timeout=timeout)
     if sim.timed_out:
-        return {**row, **_unfinished(sim, work / f"{members}", timeout)}
+        return {**row, **_unfinished(sim, runs, timeout)}
     run_dir = Path(sim.stdout.strip().splitlines()[-1]) if sim.stdout.strip() else None
     if sim.returncode != 0 or run_dir is None or not (run_dir / "metrics.jsonl").is_file():
         return {**row, "status": "failed", "error": _failure(sim, "fedgov.simulate"), "wall_seconds": sim.wall_seconds,
-                "peak_memory_bytes": sim.peak_rss_bytes, "peak_processes": sim.peak_processes}
+                **_memory(sim)}
     rounds = read_jsonl(run_dir / "metrics.jsonl")
     summary = read_json(run_dir / "summary.json")
-    floor_file = work / f"{members}-floor.json"
-    floor = run_measured(_command("fedgov.floor", sets, "--out", str(floor_file)), env=env, timeout=timeout)
+    floor_file = work / f"{members}-{engine}-floor.json"
+    floor_sets = {k: v for k, v in sets.items() if k != "runtime.engine"}
+    floor = run_measured(_command("fedgov.floor", floor_sets, "--out", str(floor_file)), env=env, timeout=timeout)
     if floor.returncode != 0 or not floor_file.is_file():
         return {**row, "status": "failed", "error": _failure(floor, "fedgov.floor")}
     floor_rows = json.loads(floor_file.read_text())["rows"]
@@ -86,16 +96,23 @@ def measure_size(members: int, sets: dict[str, Any], work: Path, *, timeout: flo
         "round_seconds_median": statistics.median(round_seconds),
         "train_seconds": phase(rounds, "train"), "aggregate_seconds": phase(rounds, "aggregate"),
         "evaluate_seconds": phase(rounds, "evaluate"),
-        "peak_memory_bytes": sim.peak_rss_bytes, "peak_processes": sim.peak_processes,
+        **_memory(sim),
         "final_accuracy": summary["final_accuracy"],
         "floor_wall_seconds": floor.wall_seconds,
         "floor_rounds_seconds": sum(r["seconds"] for r in floor_rows),
         "floor_train_seconds": phase(floor_rows, "train"), "floor_evaluate_seconds": phase(floor_rows, "evaluate"),
-        "floor_peak_memory_bytes": floor.peak_rss_bytes,
+        "floor_peak_memory_bytes": _memory(floor)["peak_memory_bytes"],
         "floor_final_accuracy": floor_rows[-1]["accuracy"],
     })
     row["floor_ratio"] = row["wall_seconds"] / row["floor_wall_seconds"]
     return row
+
+
+def _memory(measured: Any) -> dict[str, Any]:
+    """Peak memory of every process of a command: shared pages once (PSS) where /proc tells, and the RSS sum."""
+    pss, rss = measured.peak_pss_bytes, measured.peak_rss_bytes
+    return {"peak_memory_bytes": pss if pss is not None else rss, "memory_measure": "pss" if pss is not None else "rss",
+            "peak_rss_bytes": rss, "peak_processes": measured.peak_processes}
 
 
 def _unfinished(sim: Any, out: Path, timeout: float) -> dict[str, Any]:
@@ -103,13 +120,15 @@ def _unfinished(sim: Any, out: Path, timeout: float) -> dict[str, Any]:
     done = [r for f in sorted(out.glob("*/metrics.jsonl")) for r in read_jsonl(f)]
     return {"status": "timed_out", "error": f"did not finish within {timeout:g} s ({len(done)} rounds done)",
             "wall_seconds": sim.wall_seconds, "rounds_done": len(done),
-            "peak_memory_bytes": sim.peak_rss_bytes, "peak_processes": sim.peak_processes}
+            **_memory(sim)}
 
 
 def verdicts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One ``target`` row per measure in ``TARGETS`` whose size was measured."""
     out = []
     for r in rows:
+        if r.get("engine", "pool") != "pool":
+            continue
         for measure, limit in TARGETS.get(r["members"], {}).items():
             if r.get("status") == "timed_out" and measure == "wall_seconds":
                 value = r["wall_seconds"]  # a lower bound: stopped there
@@ -132,13 +151,16 @@ def run(spec: dict[str, Any], ctx: BenchContext) -> list[dict[str, Any]]:
         if len(values) != len(members):
             raise ValueError(f"scale.{key}: {len(values)} values for {len(members)} sizes (scale.members)")
     work = ctx.out / "work" / "scale"
+    flower = {int(m) for m in spec.get("flower_members", [])}
     rows = []
     for i, m in enumerate(members):
-        sets = case_settings(m, rounds=int(per_size["rounds"][i]), fraction=float(per_size["fraction"][i]),
-                             dataset=str(per_size["dataset"][i]), device=ctx.device,
-                             examples_per_member=int(spec.get("examples_per_member", 40)))
-        ctx.step(f"{m} members: {sets['train.rounds']} rounds, {sets['strategy.fraction_train']:.0%} sampled")
-        rows.append(measure_size(m, sets, work, timeout=float(spec.get("timeout_seconds", 1800))))
+        for engine in ["pool"] + (["flower"] if m in flower else []):
+            sets = case_settings(m, rounds=int(per_size["rounds"][i]), fraction=float(per_size["fraction"][i]),
+                                 dataset=str(per_size["dataset"][i]), device=ctx.device, engine=engine,
+                                 examples_per_member=int(spec.get("examples_per_member", 40)))
+            ctx.step(f"{m} members on the {engine} engine: {sets['train.rounds']} rounds, "
+                     f"{sets['strategy.fraction_train']:.1%} sampled")
+            rows.append(measure_size(m, sets, work, timeout=float(spec.get("timeout_seconds", 1800))))
     return rows + verdicts(rows)
 
 
@@ -146,17 +168,23 @@ def figures(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     from ...plots import _save, _style, plt
 
     ok = [r for r in rows if r.get("kind") == "scale" and r.get("status") == "ok"]
+    pool = [r for r in ok if r.get("engine", "pool") == "pool"]
+    flower = [r for r in ok if r.get("engine") == "flower"]
     if not ok:
         return []
-    xs = [r["members"] for r in ok]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot(xs, [r["wall_seconds"] for r in ok], "o-", label="simulation (whole command)")
-    left.plot(xs, [r["startup_seconds"] for r in ok], "s--", label="of which outside the rounds")
-    left.plot(xs, [r["floor_wall_seconds"] for r in ok], "^-", label="engine-free floor (whole command)")
+    xs = [r["members"] for r in pool]
+    left.plot(xs, [r["wall_seconds"] for r in pool], "o-", label="pool engine (whole command)")
+    left.plot(xs, [r["startup_seconds"] for r in pool], "s--", label="of which outside the rounds")
+    left.plot(xs, [r["floor_wall_seconds"] for r in pool], "^-", label="engine-free floor (whole command)")
+    if flower:
+        left.plot([r["members"] for r in flower], [r["wall_seconds"] for r in flower], "x:", markersize=8,
+                  label="Flower's engine (whole command)")
     left.set_ylabel("seconds")
-    for key, style, label in (("peak_memory_bytes", "o-", "simulation, all processes"),
-                              ("floor_peak_memory_bytes", "^-", "floor")):
-        measured = [(r["members"], r[key] / 1e9) for r in ok if r.get(key)]  # None where /proc is missing
+    for subset, key, style, label in ((pool, "peak_memory_bytes", "o-", "pool engine, all processes"),
+                                      (pool, "floor_peak_memory_bytes", "^-", "floor"),
+                                      (flower, "peak_memory_bytes", "x:", "Flower's engine, all processes")):
+        measured = [(r["members"], r[key] / 1e9) for r in subset if r.get(key)]  # None where /proc is missing
         if measured:
             right.plot([m for m, _ in measured], [g for _, g in measured], style, label=label)
     right.set_ylabel("peak resident memory (GB)")
@@ -175,27 +203,33 @@ def report(rows: list[dict[str, Any]]) -> str:
     sizes = [r for r in rows if r.get("kind") == "scale"]
     if not sizes:
         return "No scale measurements.\n"
-    lines = ["Whole-command wall time and peak memory (every process, Ray's included) against members, beside "
-             "the engine-free floor of the same rounds:", "",
-             "| members | data | rounds | sampled/round | wall s | floor s | x floor | outside rounds s | "
-             "s/round (median) | evaluate s (all rounds) | peak memory GB | processes | accuracy (floor) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["Whole-command wall time and peak memory (every process: the pool's workers, Ray's processes) "
+             "against members, beside the engine-free floor of the same rounds. Peak memory counts each page "
+             "once (the sum of PSS); the RSS sum counts a page once per process that maps it, so the server's "
+             "data, which forked workers share and never copy, counts once per worker there:", "",
+             "| members | engine | data | rounds | sampled/round | wall s | floor s | x floor | outside rounds s | "
+             "s/round (median) | evaluate s (all rounds) | peak memory GB | RSS sum GB | processes | "
+             "accuracy (floor) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sizes:
         gb = lambda b: fmt(b / 1e9) if b else "-"  # noqa: E731
+        head = f"| {r['members']:,} | {r.get('engine', 'pool')} | {r['dataset']} | {r['rounds']} |"
         if r.get("status") == "timed_out":
-            lines.append(f"| {r['members']:,} | {r['dataset']} | {r['rounds']} | - | > {r['wall_seconds']:.0f} "
+            lines.append(f"{head} - | > {r['wall_seconds']:.0f} "
                          f"({r['error']}) | | | | | | {gb(r.get('peak_memory_bytes'))} so far | "
+                         f"{gb(r.get('peak_rss_bytes'))} | "
                          f"{r['peak_processes']} | |")
             continue
         if r.get("status") != "ok":
             after = f" after {r['wall_seconds']:.0f} s" if r.get("wall_seconds") else ""
-            lines.append(f"| {r['members']:,} | {r['dataset']} | {r['rounds']} | - | failed{after}: {r.get('error')} "
-                         f"| | | | | | {gb(r.get('peak_memory_bytes'))} | {r.get('peak_processes', '')} | |")
+            lines.append(f"{head} - | failed{after}: {r.get('error')} "
+                         f"| | | | | | {gb(r.get('peak_memory_bytes'))} | {gb(r.get('peak_rss_bytes'))} | "
+                         f"{r.get('peak_processes', '')} | |")
             continue
-        lines.append(f"| {r['members']:,} | {r['dataset']} | {r['rounds']} | {r['sampled_per_round']:g} | "
+        lines.append(f"{head} {r['sampled_per_round']:g} | "
                      f"{r['wall_seconds']:.1f} | {r['floor_wall_seconds']:.1f} | {r['floor_ratio']:.2f} | "
                      f"{r['startup_seconds']:.1f} | {r['round_seconds_median']:.3f} | {r['evaluate_seconds']:.2f} | "
-                     f"{gb(r.get('peak_memory_bytes'))} | {r['peak_processes']} | "
+                     f"{gb(r.get('peak_memory_bytes'))} | {gb(r.get('peak_rss_bytes'))} | {r['peak_processes']} | "
                      f"{r['final_accuracy']:.4f} ({r['floor_final_accuracy']:.4f}) |")
     targets = [r for r in rows if r.get("kind") == "target"]
     if targets:
