@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Every CUDA path of fedgov on one GPU, in under 8 minutes:
-#   1. the default simulation with runtime.device = "cuda", four clients sharing the GPU
-#      (runtime.client_gpu_fraction = 0.25);
-#   2. DP-SGD (Opacus) training on CUDA inside the simulation;
+#   1. the default simulation with runtime.device = "cuda" on the pool engine (one worker per
+#      core, all sharing the GPU; started by forkserver, as CUDA cannot be forked), and on
+#      Flower's engine with four clients sharing the GPU (runtime.client_gpu_fraction = 0.25);
+#   2. DP-SGD (Opacus) training on CUDA inside the simulation (pool engine);
 #   3. `python -m fedgov.bench --device cuda` for the suites that use the device:
 #      dp_training (the full suite's widths up to 1024, one epoch, CUDA beside the CPU),
 #      round and realtime at quick sizes.
-# Seven files go under $OUT (the device tool's folder) or, without it, under
+# Eight files go under $OUT (the device tool's folder) or, without it, under
 # benchmarks/results/<gpu>-<date>/. Usage: bash benchmarks/gpu_check.sh [results-dir]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -56,11 +57,11 @@ simulate() {  # name, then --set overrides
   echo "$name: $((SECONDS - started)) s" | tee -a "$log"
 }
 
-# 1. Default task on CUDA: 10 cooperatives, four per GPU at a time.
-simulate "simulate_$DEVICE" --set runtime.client_gpu_fraction=0.25
+# 1. Default task on CUDA: 10 cooperatives on the pool's workers, then on Flower's engine four per GPU at a time.
+simulate "simulate_pool_$DEVICE"
+simulate "simulate_flower_$DEVICE" --set runtime.engine=flower --set runtime.client_gpu_fraction=0.25
 # 2. DP-SGD on CUDA (fixed noise: this times the path, it spends no budget).
-simulate "dp_sgd_$DEVICE" --set runtime.client_gpu_fraction=0.25 --set privacy.dp=sample \
-  --set privacy.noise_multiplier=1.0 --set train.rounds=5
+simulate "dp_sgd_$DEVICE" --set privacy.dp=sample --set privacy.noise_multiplier=1.0 --set train.rounds=5
 # 3. The suites that use the device; dp_training sized to fit the 8 minutes.
 suites="$runs/suites"
 mkdir -p "$suites"

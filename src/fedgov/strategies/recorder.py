@@ -99,8 +99,9 @@ class RoundRecorder(Strategy):
 
     def _metrics_of(self, message: Message) -> dict[str, float]:
         out: dict[str, float] = {}
-        for record in message.content.metric_records.values():
-            out.update({k: v for k, v in record.items() if isinstance(v, (int, float))})
+        for record in message.content.values():  # not .metric_records: a new typed view per call
+            if isinstance(record, MetricRecord):
+                out.update({k: v for k, v in record.items() if isinstance(v, (int, float))})
         return out
 
     # -- Strategy interface ------------------------------------------------------
