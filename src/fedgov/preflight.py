@@ -2,7 +2,7 @@
 
 The config validates itself (``fedgov.config``); what depends on the data, the machine or
 files on disk is checked here, so that ``fedgov.simulate`` stops with exit status 2 and one
-line before Ray or a SuperLink starts. The ServerApp runs the same data step, so the
+line before any engine or SuperLink starts. The ServerApp runs the same data step, so the
 Flower-native path agrees with the simulation on the federation's size.
 """
 

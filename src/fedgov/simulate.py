@@ -80,7 +80,8 @@ def _parser() -> ArgumentParser:
                    help="continue an interrupted run from its checkpoint, with its own config.toml")
     p.add_argument("--no-progress", action="store_true", help="do not draw the progress bar")
     p.add_argument("--verbose", action="store_true",
-                   help="show Flower's and Ray's logs, and full tracebacks of failing cooperatives")
+                   help="show Flower's logs (and Ray's, on Flower's engine), the workers' warnings, and full "
+                        "tracebacks of failing cooperatives")
     return p
 
 
@@ -121,7 +122,7 @@ def _prepare(args: argparse.Namespace) -> tuple[Config, Path]:
         cfg = cfg.replace(**{"data.path": str(Path(cfg.data.path).resolve())})
     if cfg.secure.key_dir:
         cfg = cfg.replace(**{"secure.key_dir": str(Path(cfg.secure.key_dir).resolve())})
-    # Data, device and key folder are checked here: a bad one is a usage error, found before Ray starts.
+    # Data, device and key folder are checked here: a bad one is a usage error, found before any engine starts.
     cfg, _ = preflight(cfg, given=given)
     run_dir = new_run_dir(cfg.runtime.out, cfg.hash())
     if cfg.secure.aggregation == "he" and not cfg.secure.key_dir:
@@ -131,7 +132,7 @@ def _prepare(args: argparse.Namespace) -> tuple[Config, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    with shared_partitions():  # the Ray workers read the split this process draws first
+    with shared_partitions():  # workers that do not fork from here (Ray's, forkserver's) read the split drawn here
         return _main(args)
 
 

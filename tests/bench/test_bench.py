@@ -483,3 +483,28 @@ def test_scale_measures_a_small_federation_and_its_floor(tmp_path):
         assert row["peak_processes"] > 2 and row["peak_memory_bytes"] > row["floor_peak_memory_bytes"]
     paths = scale.figures([row], tmp_path)
     assert paths and paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_repeated_size_reports_the_pair_with_the_median_ratio(tmp_path, monkeypatch):
+    from fedgov.bench.suites import scale
+
+    ratios = iter([1.4, 1.1, 1.2])
+    calls = []
+
+    def fake_pair(members, sets, work, *, timeout):
+        calls.append(work)
+        ratio = next(ratios)
+        return {"kind": "scale", "members": members, "status": "ok", "floor_ratio": ratio,
+                "wall_seconds": 10 * ratio, "floor_wall_seconds": 10.0, "peak_memory_bytes": int(ratio * 1e9),
+                "peak_rss_bytes": int(ratio * 2e9)}
+
+    monkeypatch.setattr(scale, "_measure_pair", fake_pair)
+    row = scale.measure_size(1000, {}, tmp_path, timeout=10, repeats=3)
+    assert len(set(calls)) == 3  # each pair in a folder of its own
+    assert row["floor_ratio"] == 1.2 and row["wall_seconds"] == 12.0 and row["floor_ratios"] == [1.4, 1.1, 1.2]
+    assert row["peak_memory_bytes"] == int(1.4e9) and row["peak_rss_bytes"] == int(2.8e9)  # the highest of all
+    assert "| 1.20 (1.10-1.40) |" in scale.report([{**row, "engine": "pool", "dataset": "synthetic", "rounds": 20,
+                                                    "sampled_per_round": 50, "startup_seconds": 1.0,
+                                                    "round_seconds_median": 0.3, "evaluate_seconds": 1.0,
+                                                    "peak_processes": 3, "final_accuracy": 0.5,
+                                                    "floor_final_accuracy": 0.5}])

@@ -28,7 +28,7 @@ from fedgov.results import atomic_write_bytes
 
 __all__ = ["CACHE_ENV", "SCHEMES", "partition_indices", "powerlaw_sizes", "shared_partitions"]
 
-# A folder where one process's partitions wait for the others (the simulation's Ray workers):
+# A folder where one process's partitions wait for the others (workers not forked from it: Ray's, a forkserver's):
 # each would otherwise import flwr-datasets (seconds) and redraw the same split.
 CACHE_ENV = "FEDGOV_PARTITION_CACHE"
 

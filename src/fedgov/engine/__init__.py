@@ -17,6 +17,7 @@ run``) needs neither: there Flower's own grid carries the messages.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
@@ -104,9 +105,16 @@ def start_engine(cfg: Config, *, client_app_fn: Callable[[], ClientApp], num_nod
         yield FlowerEngine(cfg, client_app_fn=client_app_fn, num_nodes=num_nodes, verbose=verbose)
         return
     run = new_run()
-    engine = PoolEngine(_pool(cfg, client_app_fn, run_id=run.run_id, num_nodes=num_nodes, verbose=verbose),
-                        run, num_nodes)
+    # What is loaded now (modules, the federation's data) lives for the whole run: out of the
+    # collector's way, so that neither it nor forked workers' collections walk (and so copy) it.
+    gc.collect()
+    gc.freeze()
     try:
-        yield engine
+        engine = PoolEngine(_pool(cfg, client_app_fn, run_id=run.run_id, num_nodes=num_nodes, verbose=verbose),
+                            run, num_nodes)
+        try:
+            yield engine
+        finally:
+            engine.close()
     finally:
-        engine.close()
+        gc.unfreeze()

@@ -35,7 +35,7 @@ point. A variant and the grid may not set the same key.
                                                      # drawn over rounds (rounds.csv, figure_rounds.png)
 
 Every (grid point, seed) runs ``python -m fedgov.simulate`` in its own process, so
-each run gets a fresh Ray. Results go to ``<folder of FILE>/results/<name>/``:
+each run gets fresh workers. Results go to ``<folder of FILE>/results/<name>/``:
 ``points/<point>/seed-<s>/`` (the run directories), ``runs.csv``, ``results.csv``
 (mean and 95% Student t interval per grid point), ``figure.png`` and
 ``experiment.json``. Running the same command again skips runs whose

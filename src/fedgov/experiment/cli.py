@@ -31,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"smoke test: {QUICK_ROUNDS} rounds, at most {QUICK_COOPERATIVES} cooperatives, "
                         f"one seed; writes to results/<name>-quick/")
     p.add_argument("--jobs", type=int, default=1, metavar="N",
-                   help="runs at a time (each starts its own Ray; default 1)")
+                   help="runs at a time (each a process with its own engine and workers; default 1)")
     p.add_argument("--reuse-stale", action="store_true",
                    help="keep finished runs made by other code (other fedgov sources) instead of running them "
                         "again; they are marked stale in runs.csv, results.csv and experiment.json")

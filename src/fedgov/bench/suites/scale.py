@@ -11,8 +11,10 @@ proportional set sizes: a forked worker shares the server's data, which it never
 ``peak_rss_bytes`` once per process that maps it (the sum of resident set sizes, an upper
 bound). Where PSS cannot be read, ``peak_memory_bytes`` falls back on the RSS sum. ``startup`` is the simulation's wall time outside its rounds (Python start-up,
 imports, the data, discovery, the summary). The sizes in ``flower_members`` also run on
-Flower's own engine (``runtime.engine = "flower"``), for comparison. Each pool size is
-checked against the targets in ``TARGETS``.
+Flower's own engine (``runtime.engine = "flower"``), for comparison. On a shared machine
+one pair of commands can be off by a tenth either way, so each pool size runs its pair
+``repeats`` times in turn and reports the pair with the median ratio (every ratio is kept).
+Each pool size is checked against the targets in ``TARGETS``.
 """
 
 from __future__ import annotations
@@ -62,8 +64,30 @@ def _failure(measured: Any, what: str) -> str:
     return f"{what} exited {measured.returncode}: {tail}"
 
 
-def measure_size(members: int, sets: dict[str, Any], work: Path, *, timeout: float) -> dict[str, Any]:
-    """One size: the simulation and its floor, each timed and metered whole."""
+def measure_size(members: int, sets: dict[str, Any], work: Path, *, timeout: float, repeats: int = 1
+                 ) -> dict[str, Any]:
+    """One size: the simulation and its floor, each timed and metered whole, ``repeats`` times in turn.
+
+    The row is the pair whose ratio is the median (``floor_ratios`` holds every pair's, in
+    order); its peak memory is the highest of all the pairs'.
+    """
+    pairs: list[dict[str, Any]] = []
+    for i in range(repeats):
+        pair = _measure_pair(members, sets, work / f"repeat-{i}" if repeats > 1 else work, timeout=timeout)
+        if pair["status"] != "ok":
+            return {**pair, "repeats_done": i}
+        pairs.append(pair)
+    ratios = [p["floor_ratio"] for p in pairs]
+    row = sorted(pairs, key=lambda p: p["floor_ratio"])[(len(pairs) - 1) // 2]
+    return {**row, "repeats": repeats, "floor_ratios": ratios,
+            "wall_seconds_runs": [p["wall_seconds"] for p in pairs],
+            "floor_wall_seconds_runs": [p["floor_wall_seconds"] for p in pairs],
+            "peak_memory_bytes": max(p["peak_memory_bytes"] or 0 for p in pairs) or None,
+            "peak_rss_bytes": max(p["peak_rss_bytes"] or 0 for p in pairs) or None}
+
+
+def _measure_pair(members: int, sets: dict[str, Any], work: Path, *, timeout: float) -> dict[str, Any]:
+    """The simulation, then its floor, each timed and metered whole."""
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
     engine = sets.get("runtime.engine", "pool")
     row: dict[str, Any] = {"kind": "scale", "members": members, "engine": engine, "rounds": sets["train.rounds"],
@@ -146,7 +170,7 @@ def verdicts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def run(spec: dict[str, Any], ctx: BenchContext) -> list[dict[str, Any]]:
     members = [int(m) for m in spec["members"]]
-    per_size = {key: list(spec[key]) for key in ("rounds", "fraction", "dataset")}
+    per_size = {key: list(spec[key]) for key in ("rounds", "fraction", "dataset", "repeats") if key in spec}
     for key, values in per_size.items():
         if len(values) != len(members):
             raise ValueError(f"scale.{key}: {len(values)} values for {len(members)} sizes (scale.members)")
@@ -160,7 +184,9 @@ def run(spec: dict[str, Any], ctx: BenchContext) -> list[dict[str, Any]]:
                                  examples_per_member=int(spec.get("examples_per_member", 40)))
             ctx.step(f"{m} members on the {engine} engine: {sets['train.rounds']} rounds, "
                      f"{sets['strategy.fraction_train']:.1%} sampled")
-            rows.append(measure_size(m, sets, work, timeout=float(spec.get("timeout_seconds", 1800))))
+            repeats = int(spec["repeats"][i]) if engine == "pool" and "repeats" in spec else 1
+            rows.append(measure_size(m, sets, work, timeout=float(spec.get("timeout_seconds", 1800)),
+                                     repeats=repeats))
     return rows + verdicts(rows)
 
 
@@ -206,7 +232,9 @@ def report(rows: list[dict[str, Any]]) -> str:
     lines = ["Whole-command wall time and peak memory (every process: the pool's workers, Ray's processes) "
              "against members, beside the engine-free floor of the same rounds. Peak memory counts each page "
              "once (the sum of PSS); the RSS sum counts a page once per process that maps it, so the server's "
-             "data, which forked workers share and never copy, counts once per worker there:", "",
+             "data, which forked workers share and never copy, counts once per worker there. Where a size ran "
+             "several times (simulation and floor in turn), the row is the run with the median ratio, and the "
+             "range of the ratios follows it in brackets:", "",
              "| members | engine | data | rounds | sampled/round | wall s | floor s | x floor | outside rounds s | "
              "s/round (median) | evaluate s (all rounds) | peak memory GB | RSS sum GB | processes | "
              "accuracy (floor) |",
@@ -226,8 +254,10 @@ def report(rows: list[dict[str, Any]]) -> str:
                          f"| | | | | | {gb(r.get('peak_memory_bytes'))} | {gb(r.get('peak_rss_bytes'))} | "
                          f"{r.get('peak_processes', '')} | |")
             continue
+        spread = (f" ({min(r['floor_ratios']):.2f}-{max(r['floor_ratios']):.2f})"
+                  if len(r.get("floor_ratios", [])) > 1 else "")
         lines.append(f"{head} {r['sampled_per_round']:g} | "
-                     f"{r['wall_seconds']:.1f} | {r['floor_wall_seconds']:.1f} | {r['floor_ratio']:.2f} | "
+                     f"{r['wall_seconds']:.1f} | {r['floor_wall_seconds']:.1f} | {r['floor_ratio']:.2f}{spread} | "
                      f"{r['startup_seconds']:.1f} | {r['round_seconds_median']:.3f} | {r['evaluate_seconds']:.2f} | "
                      f"{gb(r.get('peak_memory_bytes'))} | {gb(r.get('peak_rss_bytes'))} | {r['peak_processes']} | "
                      f"{r['final_accuracy']:.4f} ({r['floor_final_accuracy']:.4f}) |")
