@@ -322,10 +322,12 @@ def test_freshness_uses_round_rows_only_with_enough_timed_rounds(tmp_path, monke
     spec = {"freshness_mechanisms": ["none", "he"], "freshness_rounds": 21, "freshness_cooperatives": 3}
     short = {"suite": "round", "kind": "round", "device": "cpu", "rounds_timed": 5, "round_seconds": 0.4,
              "round_seconds_p99": 0.5, "round_seconds_min": 0.3}
-    ctx = BenchContext(quick=False, device="cpu", out=tmp_path, rows=[{**short, "mechanism": "none"},
-                                                                      {**short, "mechanism": "he", "rounds_timed": 20}])
+    ctx = BenchContext(quick=False, device="cpu", out=tmp_path, rows=[
+        {**short, "mechanism": "none"}, {**short, "mechanism": "he", "rounds_timed": 20},
+        {**short, "mechanism": "none", "engine": "flower", "rounds_timed": 20}])
     rows = realtime._freshness(spec, ctx)
-    assert calls == [("none", 21)]  # 5 timed rounds are too few; 20 are enough
+    # 5 timed rounds are too few, 20 are enough; a round on Flower's engine is not the pool's to reuse.
+    assert calls == [("none", 21)]
     by = {r["mechanism"]: r for r in rows}
     assert by["none"]["rounds_timed"] == 20 and by["none"]["from_suite"] == "realtime"
     assert by["he"]["rounds_timed"] == 20 and by["he"]["from_suite"] == "round"

@@ -65,25 +65,46 @@ def tagged_rss_bytes(tag: str) -> tuple[int, int] | None:
 
 
 def tagged_memory(tag: str) -> tuple[int, int | None, int] | None:
-    """(total RSS bytes, total PSS bytes or None, processes) of the live processes carrying ``tag``."""
+    """(total RSS bytes, total PSS bytes or None, processes) of the live processes carrying ``tag``.
+
+    Both come from one read of each process's ``smaps_rollup`` (a process gone meanwhile is
+    skipped); where a kernel has no ``smaps_rollup``, RSS comes from ``status`` and PSS is unknown.
+    """
     if not Path("/proc").is_dir():
         return None
     rss = pss = count = 0
     pss_known = True
     for entry in _tagged(tag):
         try:
-            resident = next(int(line.split()[1]) * 1024 for line in (entry / "status").read_text().splitlines()
-                            if line.startswith("VmRSS:"))
-        except (OSError, StopIteration):  # gone, not ours to read, or a kernel thread
-            continue
-        rss += resident
-        count += 1
-        try:
-            pss += next(int(line.split()[1]) * 1024 for line in
-                        (entry / "smaps_rollup").read_text().splitlines() if line.startswith("Pss:"))
-        except (OSError, StopIteration):
+            fields = _fields(entry / "smaps_rollup", ("Rss:", "Pss:"))
+        except FileNotFoundError:  # no smaps_rollup on this kernel (or the process is gone)
+            try:
+                fields = _fields(entry / "status", ("VmRSS:",))
+            except OSError:
+                continue
+            fields = {"Rss:": fields.get("VmRSS:")}
             pss_known = False
+        except OSError:  # gone, or not ours to read
+            continue
+        if fields.get("Rss:") is None:  # a kernel thread, or gone between two reads
+            continue
+        rss += fields["Rss:"]
+        count += 1
+        if fields.get("Pss:") is None:
+            pss_known = False
+        else:
+            pss += fields["Pss:"]
     return rss, (pss if pss_known else None), count
+
+
+def _fields(path: Path, names: tuple[str, ...]) -> dict[str, int]:
+    """The named ``kB`` fields of a /proc file, in bytes."""
+    out: dict[str, int] = {}
+    for line in path.read_text().splitlines():
+        name = line.split(":", 1)[0] + ":"
+        if name in names:
+            out[name] = int(line.split()[1]) * 1024
+    return out
 
 
 def run_measured(argv: Sequence[str], *, env: Mapping[str, str] | None = None, timeout: float | None = None,

@@ -73,6 +73,7 @@ def _freshness(spec: dict[str, Any], ctx: BenchContext) -> list[dict[str, Any]]:
     rounds = int(spec.get("freshness_rounds", MIN_FRESHNESS_ROUNDS + 1))
     earlier = {r["mechanism"]: r for r in ctx.rows
                if r.get("suite") == "round" and r.get("kind") == "round" and r.get("device") == ctx.device
+               and r.get("engine", "pool") == "pool"  # the engine simulate_rounds runs below
                and (r.get("rounds_timed") or 0) >= rounds - 1}  # no fewer rounds than asked for here
     rows = []
     for mechanism in wanted:
