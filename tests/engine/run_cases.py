@@ -26,11 +26,13 @@ CASES: dict[str, dict[str, Any]] = {
     "central-dp": {"privacy.dp": "user", "privacy.noise_multiplier": 0.3},
     "he-clients": {"secure.aggregation": "he"},
     "he-custodian": {"secure.aggregation": "he", "secure.key_holder": "custodian"},
-    "backdoor-median-deadline": {"attack.kind": "backdoor", "attack.cooperatives": "2", "attack.start_round": 2,
-                                 "strategy.name": "median", "heterogeneity.compute": "tiers",
-                                 "heterogeneity.tiers": "1.0,0.01", "heterogeneity.deadline": 2.0},
-    "sybil-whale-size-turnout": {"data.partition": "powerlaw", "data.sybil_identities": 3,
-                                 "participation.model": "size", "participation.turnout": 0.6},
+    # A backdoor under a robust strategy, compute tiers with a deadline, size-driven turnout and a
+    # sybil whale, in one run: each shapes its own part of the record (failures, cohorts, weights).
+    "attacks-and-governance": {"attack.kind": "backdoor", "attack.cooperatives": "2", "attack.start_round": 2,
+                               "strategy.name": "median", "heterogeneity.compute": "tiers",
+                               "heterogeneity.tiers": "1.0,0.01", "heterogeneity.deadline": 2.0,
+                               "data.partition": "powerlaw", "data.sybil_identities": 3,
+                               "participation.model": "size", "participation.turnout": 0.6},
 }
 # Not deterministic by design: HE draws keys and encryption noise from the OS, central DP its noise.
 NONDETERMINISTIC = frozenset({"central-dp", "he-clients", "he-custodian"})
