@@ -46,6 +46,22 @@ def run_dir_of(proc: subprocess.CompletedProcess) -> Path:
     return Path(proc.stdout.strip().splitlines()[-1])
 
 
+def live_processes(field: int, value: int) -> list[int]:
+    """PIDs of live processes whose /proc stat field ``field`` (after the name) is ``value``:
+    1 the parent's PID, 3 the session's id."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            if int(fields[field]) == value and fields[0] != "Z":
+                found.append(int(entry))
+    return found
+
+
 @pytest.fixture
 def simulate():
     return run_simulate

@@ -5,7 +5,6 @@ import random
 import signal
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, live_processes
 from fedgov.results import read_json, read_jsonl
 
 from privacy import rdp_reference
@@ -25,20 +25,6 @@ ROUNDS = 5
 ARGS = ["--set", "data.num_cooperatives=4", "--set", "data.partition=iid", "--set", "train.local_epochs=2",
         "--set", "privacy.dp=sample", "--set", "privacy.target_epsilon=8", "--set", f"train.rounds={ROUNDS}",
         "--set", "runtime.workers=2"]
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2:].split()
-            if int(fields[1]) == pid and fields[0] != "Z":
-                found.append(int(entry))
-    return found
 
 
 def _rows(out: Path) -> int:
@@ -59,7 +45,7 @@ def test_a_killed_worker_costs_one_message_and_no_context(tmp_path):
             assert proc.poll() is None and time.monotonic() < deadline, "the run ended before round 3"
             time.sleep(0.02)
         time.sleep(0.3)  # round 3 is training now: each DP-SGD update takes longer than this
-        workers = _children(proc.pid)
+        workers = live_processes(1, proc.pid)  # the simulate process's children: its workers
         assert len(workers) == 2, workers
         os.kill(workers[0], signal.SIGKILL)
         stdout, stderr = proc.communicate(timeout=240)
@@ -77,7 +63,7 @@ def test_a_killed_worker_costs_one_message_and_no_context(tmp_path):
     assert failure["reason"].endswith(") died: killed by SIGKILL")
     lost = failure["cooperative"]
     # The failure is reported as one clean line, as any crashed cooperative is.
-    assert f"failed in round 3: the pool worker running this ClientApp" in stderr
+    assert "failed in round 3: the pool worker running this ClientApp" in stderr
     assert proc.returncode == 1
     # Every ledger survived: each epsilon composes exactly the rounds its cooperative trained.
     for coop in read_json(run / "summary.json")["cooperatives"]:

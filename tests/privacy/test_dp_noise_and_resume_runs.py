@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from conftest import ROOT, run_dir_of, run_simulate
+from conftest import ROOT, live_processes, run_dir_of, run_simulate
 from fedgov.privacy import OS_NOISE, SEEDED_NOISE
 from fedgov.progress import print_summary
 from fedgov.results import read_json, read_jsonl
@@ -72,17 +72,7 @@ def test_default_dp_noise_differs_between_runs_of_one_config_and_seeded_noise_re
 
 def _session_processes(sid: int) -> list[int]:
     """Processes in session ``sid`` (the simulate process and everything it started, Ray included)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2:].split()
-            if int(fields[3]) == sid and fields[0] != "Z":
-                found.append(int(entry))
-    return found
+    return live_processes(3, sid)
 
 
 def _rows_written(out: Path) -> int:
