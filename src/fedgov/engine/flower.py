@@ -74,7 +74,9 @@ class FlowerEngine:
     def run(self, server_app: ServerApp) -> None:
         from flwr.simulation import run_simulation
 
-        logging.getLogger("flwr").addFilter(_HideRunSimulationDeprecation())
+        flwr_logger = logging.getLogger("flwr")
+        if not any(isinstance(f, _HideRunSimulationDeprecation) for f in flwr_logger.filters):
+            flwr_logger.addFilter(_HideRunSimulationDeprecation())
         run_simulation(server_app=server_app, client_app=self.client_app_fn(), num_supernodes=self.num_nodes,
                        backend_config=backend_config(self.cfg, verbose=self.verbose),
                        verbose_logging=self.verbose)

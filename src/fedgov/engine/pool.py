@@ -70,7 +70,6 @@ class PoolGrid(Grid):
         self._task_ids = itertools.count()
         self._message_of_task: dict[int, str] = {}
         self._replies: dict[str, Message] = {}  # instruction message id -> reply, until pulled
-        self.messages_sent = 0
 
     # -- Grid --------------------------------------------------------------------------
     def set_run(self, run: Run) -> None:
@@ -110,7 +109,6 @@ class PoolGrid(Grid):
             self._message_of_task[task.id] = meta.message_id
             tasks.append(task)
             ids.append(meta.message_id)
-        self.messages_sent += len(tasks)
         self._pool.submit(tasks)
         return ids
 
