@@ -57,7 +57,8 @@ def simulate(cfg: Config, run_dir: Path, *, show_progress: bool = True, verbose:
                   board_size=cfg.governance.board_size, board_threshold=cfg.governance.board_threshold)
     # One node per identity (sybils included), + the custodian, a node of its own.
     num_nodes = build_federation(cfg.data, seed=cfg.seed).num_cooperatives + extra_nodes(cfg)
-    preload(cfg)  # before the pool's workers are forked from this process
+    if cfg.runtime.engine == "pool" and not cfg.runtime.ray_address:
+        preload(cfg)  # the pool's workers are forked from this process: they start with what it loaded
     with start_engine(cfg, client_app_fn=functools.partial(build_client_app, cfg), num_nodes=num_nodes,
                       verbose=verbose) as engine, \
             RoundProgress(total=cfg.train.rounds, enabled=show_progress) as progress:
