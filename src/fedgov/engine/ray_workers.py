@@ -19,8 +19,8 @@ from typing import Any
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
-from .tasks import ClientRunner, Result, Task, error_reply
-from .workers import EngineError, WorkerPool, quiet
+from .tasks import Result, Task, error_reply
+from .workers import EngineError, WorkerPool, worker_runner
 
 __all__ = ["RayWorkers"]
 
@@ -31,11 +31,7 @@ class _ActorRunner:
     """What each actor holds: the ClientApp, built once."""
 
     def __init__(self, app_fn: Callable[[], ClientApp], run_id: int, num_partitions: int, log_level: int) -> None:
-        import torch
-
-        quiet(log_level)
-        torch.set_num_threads(1)
-        self.runner = ClientRunner(app_fn, run_id=run_id, num_partitions=num_partitions)
+        self.runner = worker_runner(app_fn, run_id=run_id, num_partitions=num_partitions, log_level=log_level)
 
     def ready(self) -> bool:
         return True

@@ -42,7 +42,7 @@ from flwr.common.constant import ErrorCode
 from .tasks import ClientRunner, Result, Task, dumps, error_reply
 
 __all__ = ["EngineError", "WorkerPool", "ProcessWorkers", "InProcessWorkers", "default_worker_count",
-           "quiet", "start_method"]
+           "quiet", "start_method", "worker_runner"]
 
 MAX_CHUNK = 64  # tasks sent to a worker at once
 FLUSH_SECONDS = 0.05  # a worker sends what it has done at least this often during a long chunk
@@ -154,6 +154,17 @@ def quiet(log_level: int) -> None:
         warnings.simplefilter("ignore")
 
 
+def worker_runner(app_fn: Callable[[], ClientApp], *, run_id: int, num_partitions: int,
+                  log_level: int) -> ClientRunner:
+    """A worker's one-time set-up, in a process of the pool or a Ray actor: the server's log level,
+    one core, and the ClientApp built once."""
+    import torch
+
+    quiet(log_level)
+    torch.set_num_threads(1)
+    return ClientRunner(app_fn, run_id=run_id, num_partitions=num_partitions)
+
+
 def _worker_main(conn: Connection, current: Any, app_fn: Callable[[], ClientApp], run_id: int,
                  num_partitions: int, log_level: int, inherited: list[Connection]) -> None:
     """A worker process: build the ClientApp once, then run the chunks of tasks the server sends.
@@ -165,13 +176,9 @@ def _worker_main(conn: Connection, current: Any, app_fn: Callable[[], ClientApp]
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle; it stops the workers
     for other in inherited:  # forked: the server's ends of the other workers' pipes are not ours
         other.close()
-    quiet(log_level)
     parent = os.getppid()
     try:
-        import torch
-
-        torch.set_num_threads(1)  # one core per worker
-        runner = ClientRunner(app_fn, run_id=run_id, num_partitions=num_partitions)
+        runner = worker_runner(app_fn, run_id=run_id, num_partitions=num_partitions, log_level=log_level)
     except BaseException as exc:  # noqa: BLE001 (reported to the server, which stops the run)
         conn.send_bytes(dumps(("failed", f"{type(exc).__name__}: {exc}")))
         return
