@@ -160,11 +160,24 @@ class SecureConfig:
 
 @dataclass
 class GovernanceConfig:
-    weighting: str = _spec("samples", choices=("samples", "equal", "sqrt", "capped"),
+    weighting: str = _spec("samples", choices=("samples", "equal", "sqrt", "capped", "stake"),
                            doc="aggregation weight of each cooperative: by data size (FedAvg), one cooperative "
-                               "one vote, square root of size, or size capped at governance.cap")
+                               "one vote, square root of size, size capped at governance.cap, or by stake "
+                               "(governance.stake; a DAO's token vote)")
     cap: float = _spec(0.2, low=0.0, high=1.0, low_open=True,
                        doc="largest share of the total weight one cooperative may hold (weighting = 'capped')")
+    stake: str = _spec("pareto", choices=("pareto", "size"),
+                       doc="weighting = 'stake': each actor's stake, drawn from a Pareto distribution "
+                           "(governance.stake_shape) independently of its data, or equal to its number of "
+                           "training examples; an actor's identities share its stake")
+    stake_shape: float = _spec(1.16, low=0.0, low_open=True,
+                               doc="shape of the Pareto stakes (1.16: the top 20% hold about 80%; smaller is "
+                                   "more unequal)")
+    registrar: str = _spec("", doc="a party outside the federation that verifies identities before they are "
+                                   "weighted, named in the audit log ('' = none: anyone may register identities)")
+    registrar_catch: float = _spec(0.0, low=0.0, high=1.0,
+                                   doc="chance that governance.registrar sees through each sybil identity, "
+                                       "which is then merged into its actor before weighting")
     max_update_norm: float = _spec(1000.0, low=0.0,
                                    doc="reject a plaintext update whose change to the global model has a larger "
                                        "L2 norm, as malformed (0 = no bound)")
@@ -402,7 +415,13 @@ def _check_governance(cfg: Config, where: str) -> None:
     if gov.weighting != "samples" and secure.aggregation == "secagg+":
         raise ConfigError(f"{where}: governance.weighting: SecAgg+ weights by data size inside the mask; "
                           f"only 'samples' is available with secure.aggregation = 'secagg+'")
-    if gov.weighting in ("sqrt", "capped") and cfg.privacy.dp == "user":
+    if gov.registrar_catch > 0 and not gov.registrar.strip():
+        raise ConfigError(f"{where}: governance.registrar: name the party that verifies identities "
+                          f"(governance.registrar_catch = {gov.registrar_catch:g} needs one)")
+    if gov.registrar_catch > 0 and cfg.privacy.dp == "user":
+        raise ConfigError(f"{where}: governance.registrar_catch: central DP (privacy.dp = 'user') weights every "
+                          f"update equally, so merged identities cannot be weighted as one member")
+    if gov.weighting in ("sqrt", "capped", "stake") and cfg.privacy.dp == "user":
         raise ConfigError(f"{where}: governance.weighting: central DP (privacy.dp = 'user') is calibrated to an "
                           f"unweighted mean; use 'equal' (or 'samples', which it turns into 'equal')")
     # attack.cooperatives is checked against the federation's size once the data is known (fedgov.preflight).

@@ -47,6 +47,9 @@ def floor_problem(cfg: Config) -> str | None:
     if cfg.governance.clip_update_norm > 0 or cfg.governance.similarity_defense:
         return ("the floor neither clips nor down-weights updates: set governance.clip_update_norm = 0 and "
                 "governance.similarity_defense = false")
+    if cfg.governance.weighting == "stake" or cfg.governance.registrar_catch > 0:
+        return ("the floor weights every identity by its size: set governance.weighting to a size policy and "
+                "governance.registrar_catch = 0")
     return None
 
 

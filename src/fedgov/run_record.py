@@ -110,8 +110,9 @@ class RunRecord:
     def __init__(self, run_dir: Path, cfg: Config, *, cooperatives: dict[int, dict[str, Any]],
                  num_parameters: int, device: str, audit: Any = None,
                  probe: Callable[[ArrayRecord], dict[str, Any]] | None = None,
-                 ground_truth: dict[str, Any] | None = None) -> None:
+                 ground_truth: dict[str, Any] | None = None, registrar: dict[str, Any] | None = None) -> None:
         self.run_dir = Path(run_dir)
+        self.registrar = registrar  # who verified identities and whom it merged (fedgov.governance.electorate)
         self.cfg = cfg
         self.cooperatives = dict(sorted(cooperatives.items()))
         self.num_parameters = num_parameters
@@ -329,6 +330,16 @@ class RunRecord:
         actors = self.ground_truth.get("actors") or {}
         block["run"] = self._run_influence()
         block["run_by_actor"] = self._run_influence(actor_of={str(c): str(a) for c, a in actors.items()})
+        sybil_actors = {a for c, a in actors.items() if int(c) != int(a)}
+        if sybil_actors:  # the share of the run's weight held by whoever registered extra identities
+            totals = self._actor_totals({str(c): str(a) for c, a in actors.items()})
+            block["sybil_weight"] = (sum(totals.get(str(a), 0.0) for a in sybil_actors) / sum(totals.values())
+                                     if any(totals.values()) else None)
+        if self.registrar is not None:
+            truth = sum(int(c) != int(a) for c, a in actors.items())
+            block["registrar"] = {"name": self.registrar["name"],
+                                  "catch_probability": self.registrar["catch_probability"],
+                                  "merged": len(self.registrar["merged"]), "sybil_identities": truth}
         applied = [r["applied_influence"] for r in self.rows if r.get("applied_influence")]
         if applied:  # HE: what the clients actually applied (known to the simulation, not the aggregator)
             block["applied"] = mean_influence(applied)
@@ -345,17 +356,21 @@ class RunRecord:
         """
         from .governance.weighting import influence
 
-        owner = actor_of or {}
-        totals = {owner.get(str(c), str(c)): 0.0 for c in sorted(self.cooperatives)}
-        for row in self.rows:
-            for c, w in (row.get("applied_weights") or row.get("weights") or {}).items():
-                totals[owner.get(c, c)] = totals.get(owner.get(c, c), 0.0) + float(w)
+        totals = self._actor_totals(actor_of or {})
         if not any(totals.values()):  # no weight realized yet: the measures are undefined
             return {"nakamoto": None, "gini": None, "hhi": None, "max_weight": None, "top_member": None,
                     "members": len(totals), "members_with_weight": 0}
         top = max(totals, key=lambda c: (totals[c], -int(c)))
         return {**influence(list(totals.values())), "top_member": int(top),
                 "members": len(totals), "members_with_weight": sum(v > 0 for v in totals.values())}
+
+    def _actor_totals(self, owner: dict[str, str]) -> dict[str, float]:
+        """Each member's (or, through ``owner``, actor's) weight summed over the run's rounds."""
+        totals = {owner.get(str(c), str(c)): 0.0 for c in sorted(self.cooperatives)}
+        for row in self.rows:
+            for c, w in (row.get("applied_weights") or row.get("weights") or {}).items():
+                totals[owner.get(c, c)] = totals.get(owner.get(c, c), 0.0) + float(w)
+        return totals
 
     def _attack_block(self) -> dict[str, Any]:
         a = self.cfg.attack

@@ -136,9 +136,12 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, *,
     checkpoint = Checkpoint.load(run_dir)
     if cfg.secure.aggregation == "he":
         _copy_escrow(Path(cfg.secure.key_dir), run_dir)
-    audit = open_audit(run_dir, cfg, cooperatives=coop_stats, resuming=checkpoint is not None)
+    electorate, electorate_audit = _electorate(cfg, federation)
+    audit = open_audit(run_dir, cfg, cooperatives=coop_stats, resuming=checkpoint is not None,
+                       electorate=electorate_audit)
     record = RunRecord(run_dir, cfg, cooperatives=coop_stats, num_parameters=count_parameters(model),
-                       device=str(device), audit=audit, probe=probe, ground_truth=_ground_truth(cfg, federation))
+                       device=str(device), audit=audit, probe=probe, ground_truth=_ground_truth(cfg, federation),
+                       registrar=electorate_audit.get("registrar"))
     record.startup_seconds = startup
     if checkpoint is not None:
         record.restore(checkpoint)
@@ -153,7 +156,7 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, *,
 
     # The run's mechanisms (fedgov.mechanisms), privacy first: each wraps the grid and the strategy.
     side = ServerSide(cfg=cfg, node_to_cooperative=node_to_coop, cooperatives=coop_stats,
-                      custodian_node=custodian_node, checkpoint=checkpoint,
+                      custodian_node=custodian_node, checkpoint=checkpoint, electorate=electorate,
                       archive=UpdateArchive(run_dir) if cfg.governance.retain_updates else None)
     mechanisms = active(cfg)
     strategy = build_strategy(cfg)
@@ -203,7 +206,24 @@ def _audit_key_path(run_dir: Path) -> Path:
     return run_dir.resolve().parent / ".audit-keys" / f"{run_dir.name}.ed25519"
 
 
-def open_audit(run_dir: Path, cfg: Config, *, cooperatives: dict[int, dict[str, Any]], resuming: bool) -> AuditLog:
+def _electorate(cfg: Config, federation: Any) -> tuple[Any, dict[str, Any]]:
+    """Who votes with what weight (stakes, the registrar's merges), and what the audit log says of it."""
+    from .governance.electorate import electorate_for, registrar_record
+
+    actors = [federation.actor_of(c) for c in range(federation.num_cooperatives)]
+    sizes = [len(c.train) for c in federation.cooperatives]
+    electorate = electorate_for(cfg.governance, actors, seed=cfg.seed, sizes=sizes)
+    record: dict[str, Any] = {}
+    registrar = registrar_record(cfg.governance, electorate, actors)
+    if registrar is not None:
+        record["registrar"] = registrar
+    if electorate.stakes:
+        record["stakes"] = {str(c): v for c, v in sorted(electorate.stakes.items())}
+    return electorate, record
+
+
+def open_audit(run_dir: Path, cfg: Config, *, cooperatives: dict[int, dict[str, Any]], resuming: bool,
+               electorate: dict[str, Any] | None = None) -> AuditLog:
     """Start (or, on resume, continue) the run's signed audit log.
 
     A resume with no round left to train (the checkpoint is at ``train.rounds``) appends
@@ -233,7 +253,9 @@ def open_audit(run_dir: Path, cfg: Config, *, cooperatives: dict[int, dict[str, 
         "config_hash": cfg.hash(), "config": cfg.to_flat(), "mechanism": mechanism(cfg),
         "cooperatives": {str(c): {"name": s["name"], "claimed_train_examples": s["num_train"]}
                          for c, s in sorted(cooperatives.items())},
-        "escrow": escrow})
+        "escrow": escrow,
+        # Who decides membership (a registrar, with whom it merged) and the stakes votes are weighted by.
+        **(electorate or {})})
     return audit
 
 

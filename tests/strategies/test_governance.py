@@ -7,6 +7,7 @@ from flwr.serverapp import strategy as flwr_strategy
 
 from fedgov.audit import digest_arrays
 from fedgov.governance.archive import UpdateArchive
+from fedgov.governance.electorate import Electorate
 from fedgov.strategies import WEIGHT_KEY, GovernedAggregation
 from fedgov.strategies.governance import check_update
 from tests.strategies.conftest import FakeGrid
@@ -25,8 +26,8 @@ def _governed(policy="samples", archive=None, **kw):
     inner = flwr_strategy.FedAvg(fraction_train=1.0, min_train_nodes=1, min_available_nodes=1,
                                  weighted_by_key=WEIGHT_KEY)
     kw = {"max_update_norm": 100.0, "clip_update_norm": 0.0, **kw}
-    return GovernedAggregation(inner, policy=policy, cap=0.5, node_to_cooperative=NODES, archive=archive,
-                               set_weights=True, **kw)
+    return GovernedAggregation(inner, electorate=Electorate(policy, cap=0.5), node_to_cooperative=NODES,
+                               archive=archive, set_weights=True, **kw)
 
 
 def _reply(message, coop, arrays, size=None):
@@ -176,7 +177,7 @@ def test_the_similarity_defense_down_weights_near_copies_and_spares_the_distinct
     updates.update({c: {k: v + 0.01 * rng.normal(size=v.shape) for k, v in base.items()} for c in (3, 4, 5)})
     inner = flwr_strategy.FedAvg(fraction_train=1.0, min_train_nodes=1, min_available_nodes=1,
                                  weighted_by_key=WEIGHT_KEY)
-    strategy = GovernedAggregation(inner, policy="equal", cap=0.5, node_to_cooperative=nodes, archive=None,
+    strategy = GovernedAggregation(inner, electorate=Electorate("equal"), node_to_cooperative=nodes, archive=None,
                                    set_weights=True, max_update_norm=100.0, clip_update_norm=0.0,
                                    similarity_defense=True)
     messages = list(strategy.configure_train(1, _global(), ConfigRecord(), FakeGrid(nodes)))

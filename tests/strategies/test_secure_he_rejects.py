@@ -5,9 +5,11 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import strategy as flwr_strategy
 
+from fedgov.governance.electorate import Electorate
 from fedgov.crypto import CheckStamp, PublicContext, encrypt_update, generate_keys
 from fedgov.crypto.keys import COOPERATIVE_CONTEXT, provision
 from fedgov.governance.archive import UpdateArchive
+from fedgov.governance.electorate import Electorate
 from fedgov.strategies.secure_he import HESecureAggregation
 from tests.strategies.conftest import CUSTODIAN_NODE, CustodianGrid, FakeGrid
 
@@ -32,7 +34,7 @@ def test_bad_ciphertexts_are_rejected_and_the_rest_are_summed(key_dir, tmp_path)
     archive = UpdateArchive(tmp_path)
     strategy = HESecureAggregation(
         flwr_strategy.FedAvg(fraction_train=1.0, min_train_nodes=1, min_available_nodes=1), key_dir=key_dir,
-        custodian_node=CUSTODIAN_NODE, examples=SIZES, node_to_cooperative=NODES, verify=False, policy="equal",
+        custodian_node=CUSTODIAN_NODE, examples=SIZES, node_to_cooperative=NODES, verify=False, electorate=Electorate("equal"),
         archive=archive)
     start = ArrayRecord({"w": Array(np.zeros((3, 4), dtype=np.float32))})
     grid = CustodianGrid(NODES, key_dir)
@@ -79,7 +81,7 @@ def test_each_cooperative_is_told_its_own_weight(key_dir):
     sizes = {c: 10 * (c + 1) for c in NODES.values()}
     strategy = HESecureAggregation(
         flwr_strategy.FedAvg(fraction_train=1.0, min_train_nodes=1, min_available_nodes=1), key_dir=key_dir,
-        custodian_node=CUSTODIAN_NODE, examples=sizes, node_to_cooperative=NODES, verify=False, policy="samples")
+        custodian_node=CUSTODIAN_NODE, examples=sizes, node_to_cooperative=NODES, verify=False, electorate=Electorate("samples"))
     start = ArrayRecord({"w": Array(np.zeros((3, 4), dtype=np.float32))})
     messages = list(strategy.configure_train(1, start, ConfigRecord(), FakeGrid(NODES)))
     told = {NODES[m.metadata.dst_node_id]: m.content["config"]["he-weight"] for m in messages}

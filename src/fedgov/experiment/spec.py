@@ -55,6 +55,8 @@ MECHANISM_METRICS = (
     "influence.applied.max_weight",  # HE: the weights clients applied inside their ciphertexts
     "influence.applied.nakamoto",
     "influence.applied_weight_sum",
+    "influence.sybil_weight",  # data.sybil_identities > 0: the sybil actor's share of the run's weight
+    "influence.registrar.merged",  # governance.registrar: identities it merged into their actor
     "attack.success_rate",  # attack.kind != "off" (or a size_claim)
     "attack.recorded_weight",  # the attackers' share of the weights in the audit log
     "attack.effective_weight",  # ... and of what was really applied (differs under HE)

@@ -40,6 +40,7 @@ class ServerSide:
     custodian_node: int | None = None
     archive: Any = None
     checkpoint: Any = None
+    electorate: Any = None  # fedgov.governance.electorate.Electorate: who votes with what weight
 
 
 class Mechanism:

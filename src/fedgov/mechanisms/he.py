@@ -121,6 +121,7 @@ class HE(Mechanism):
 
     def wrap_strategy(self, strategy: Any, side: ServerSide) -> Any:
         from ..crypto.keys import AGGREGATOR_CONTEXT
+        from ..governance.electorate import Electorate
         from ..strategies.secure_he import HESecureAggregation
 
         key_dir = Path(self.cfg.secure.key_dir)
@@ -131,7 +132,7 @@ class HE(Mechanism):
         return HESecureAggregation(
             strategy, key_dir=key_dir, custodian_node=side.custodian_node, node_to_cooperative=side.node_to_cooperative,
             examples={c: s["num_train"] for c, s in side.cooperatives.items()}, verify=self.cfg.secure.verify,
-            policy=g.weighting, cap=g.cap, archive=side.archive)
+            electorate=side.electorate or Electorate(g.weighting, cap=g.cap), archive=side.archive)
 
     def note_round(self, log: Any, strategy: Any) -> None:
         note_he_round(log, strategy.last)

@@ -35,7 +35,8 @@ class Plain(Mechanism):
     def wrap_strategy(self, strategy: Any, side: ServerSide) -> Any:
         from ..strategies import govern
 
-        return govern(strategy, self.cfg, node_to_cooperative=side.node_to_cooperative, archive=side.archive)
+        return govern(strategy, self.cfg, node_to_cooperative=side.node_to_cooperative, archive=side.archive,
+                      electorate=side.electorate)
 
     def note_round(self, log: Any, strategy: Any) -> None:
         note_governance(log, strategy.last)

@@ -8,6 +8,7 @@ from flwr.serverapp import strategy as flwr_strategy
 
 from ..config import ROBUST_STRATEGIES, Config
 from ..config import cohort_size as cohort_of
+from ..governance.electorate import Electorate
 from .governance import WEIGHT_KEY, GovernedAggregation
 from .recorder import CohortSampler, RoundRecorder
 
@@ -55,10 +56,15 @@ def build_strategy(cfg: Config) -> flwr_strategy.Strategy:
 
 
 def govern(strategy: flwr_strategy.Strategy, cfg: Config, *, node_to_cooperative: dict[int, int],
-           archive: object | None = None) -> GovernedAggregation:
-    """Wrap a plaintext strategy in the governance policy: validation, weights, clipping, digests."""
+           archive: object | None = None, electorate: Electorate | None = None) -> GovernedAggregation:
+    """Wrap a plaintext strategy in the governance policy: validation, weights, clipping, digests.
+
+    Without an ``electorate`` (no stakes, no registrar) every identity is a member weighted by
+    ``governance.weighting``.
+    """
     g = cfg.governance
-    return GovernedAggregation(strategy, policy=g.weighting, cap=g.cap, max_update_norm=g.max_update_norm,
+    return GovernedAggregation(strategy, electorate=electorate or Electorate(g.weighting, cap=g.cap),
+                               max_update_norm=g.max_update_norm,
                                clip_update_norm=g.clip_update_norm, node_to_cooperative=node_to_cooperative,
                                archive=archive, set_weights=cfg.privacy.dp != "user",
                                similarity_defense=g.similarity_defense)

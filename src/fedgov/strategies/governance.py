@@ -6,9 +6,10 @@ Between the replies and the wrapped Flower strategy (FedAvg, Krum, median, ...):
    shapes, NaN or Inf, or a change to the global model whose L2 norm exceeds
    ``governance.max_update_norm``. Each rejection is recorded with its reason and the
    round goes on with the rest.
-2. **Weights follow the governance policy** (``fedgov.governance.weighting``): the
-   aggregator computes them from each cooperative's *claimed* size and writes them into
-   the reply under ``WEIGHT_KEY``, which the inner strategy weights by.
+2. **Weights follow the governance policy** (``fedgov.governance.electorate``): the
+   aggregator computes them from each cooperative's *claimed* size (or stake), with the
+   identities a registrar merged counted as one member, and writes them into the reply
+   under ``WEIGHT_KEY``, which the inner strategy weights by.
 3. **Optional defenses**: each update's change is clipped to ``governance.clip_update_norm``;
    with ``governance.similarity_defense`` (against sybils, FoolsGold-style) each weight is
    scaled by 1 minus the update's highest cosine similarity to another update of the round.
@@ -29,8 +30,9 @@ from flwr.serverapp.strategy import Strategy
 from ..arrays import to_numpy
 from ..audit import digest_arrays
 from ..governance.archive import UpdateArchive
+from ..governance.electorate import Electorate
 
-__all__ = ["GovernedAggregation", "WEIGHT_KEY", "check_update", "policy_weight_map"]
+__all__ = ["GovernedAggregation", "WEIGHT_KEY", "check_update"]
 
 WEIGHT_KEY = "fedgov-weight"
 
@@ -68,25 +70,13 @@ def _read_update(arrays: ArrayRecord, reference: dict[str, np.ndarray], *, max_n
     return values, None
 
 
-def policy_weight_map(policy: str, claimed: dict[int, float], *, cap: float) -> dict[int, float]:
-    """Normalized weights by cooperative id, from claimed data sizes."""
-    from ..governance.weighting import policy_weights
-
-    if not claimed:
-        return {}
-    ids = sorted(claimed)
-    weights = policy_weights(policy, [claimed[c] for c in ids], cap=cap)
-    return {c: float(w) for c, w in zip(ids, weights)}
-
-
 class GovernedAggregation(Strategy):
-    def __init__(self, inner: Strategy, *, policy: str, cap: float, max_update_norm: float,
+    def __init__(self, inner: Strategy, *, electorate: Electorate, max_update_norm: float,
                  clip_update_norm: float, node_to_cooperative: dict[int, int],
                  archive: UpdateArchive | None, set_weights: bool, similarity_defense: bool = False) -> None:
         self.inner = inner
         self.similarity_defense = similarity_defense
-        self.policy = policy
-        self.cap = cap
+        self.electorate = electorate
         self.max_update_norm = max_update_norm
         self.clip_update_norm = clip_update_norm
         self.node_to_cooperative = dict(node_to_cooperative)
@@ -165,7 +155,8 @@ class GovernedAggregation(Strategy):
             if self.clip_update_norm > 0 and self._clip(reply):
                 clipped.append(coop)
             accepted.append(reply)
-        weights = policy_weight_map(self.policy if self.set_weights else "equal", claimed, cap=self.cap)
+        weights = (self.electorate.weights(claimed) if self.set_weights
+                   else Electorate("equal").weights(claimed))
         similarity: dict[int, float] = {}
         if self.similarity_defense and len(accepted) > 1:
             weights, similarity = self._down_weight_similar(accepted, weights)

@@ -29,13 +29,14 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from ..client_errors import clean_reason
+from ..governance.electorate import Electorate
 
 __all__ = ["HESecureAggregation"]
 
 
 class HESecureAggregation(Strategy):
     def __init__(self, inner: Strategy, *, key_dir: Path, custodian_node: int | None, examples: dict[int, int],
-                 node_to_cooperative: dict[int, int], verify: bool, policy: str = "samples", cap: float = 1.0,
+                 node_to_cooperative: dict[int, int], verify: bool, electorate: Electorate | None = None,
                  archive: Any = None) -> None:
         from ..crypto import PublicContext
         from ..crypto.keys import AGGREGATOR_CONTEXT
@@ -48,8 +49,7 @@ class HESecureAggregation(Strategy):
         self.examples = examples
         self.node_to_cooperative = node_to_cooperative
         self.verify = verify
-        self.policy = policy
-        self.cap = cap
+        self.electorate = electorate or Electorate()
         self.archive = archive
         self._weights: dict[int, float] = {}
         self._grid: Grid | None = None
@@ -65,13 +65,11 @@ class HESecureAggregation(Strategy):
         self._grid = grid
         self._keys = list(arrays.keys())
         self._current = [a.numpy() for a in arrays.values()]
-        from .governance import policy_weight_map
-
         if self.archive is not None:
             self.archive.save_arrays(server_round, "global", self._current)
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         cohort = [self.node_to_cooperative[m.metadata.dst_node_id] for m in messages]
-        self._weights = policy_weight_map(self.policy, {c: self.examples[c] for c in cohort}, cap=self.cap)
+        self._weights = self.electorate.weights({c: self.examples[c] for c in cohort})
         for message in messages:  # Flower's strategies share one RecordDict among messages: give each its own
             weight = self._weights[self.node_to_cooperative[message.metadata.dst_node_id]]
             content = dict(message.content.items())
