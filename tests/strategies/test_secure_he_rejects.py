@@ -5,7 +5,6 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import strategy as flwr_strategy
 
-from fedgov.governance.electorate import Electorate
 from fedgov.crypto import CheckStamp, PublicContext, encrypt_update, generate_keys
 from fedgov.crypto.keys import COOPERATIVE_CONTEXT, provision
 from fedgov.governance.archive import UpdateArchive
