@@ -649,3 +649,38 @@ def test_end_to_end_tiny_experiment(tmp_path):
     again = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "kept (summary.json exists, same code)" in again.stderr
     assert read_csv(out / "results.csv") == rows
+
+
+FRONTIER = TINY.replace('"data.alpha" = [0.5, 100]', '"data.alpha" = [0.5, 100]\n"train.lr" = [0.05, 0.1, 0.2]').replace(
+    'x = "data.alpha"\nxscale = "log"',
+    'kind = "frontier"\nx = "fairness.worst"\ny = ["final_accuracy"]\npoint = "train.lr"\nfacet = "data.alpha"\n'
+    'note = "final_accuracy"\nrounds = ["attack.success_rate_by_round"]')
+
+
+def test_skip_leaves_out_the_points_it_matches_and_a_frontier_draws_notes_and_rounds(tmp_path):
+    body = FRONTIER.replace('metrics = ["final_accuracy", "fairness.worst"]',
+                            'metrics = ["final_accuracy", "fairness.worst"]\n'
+                            'skip = [{ "data.alpha" = 100, "train.lr" = [0.1, 0.2] }]')
+    exp = load_experiment(write_experiment(tmp_path, body))
+    assert [(p.values["data.alpha"], p.values["train.lr"]) for p in exp.points] == [
+        (0.5, 0.05), (0.5, 0.1), (0.5, 0.2), (100.0, 0.05)]
+    out = tmp_path / "out"
+    fake = FakeSimulate()
+    run_experiment(exp, out=out, runner=fake)
+    assert len(fake.commands) == 4
+    assert len(read_csv(out / "results.csv")) == 4
+    assert (out / "figure.png").is_file() and (out / "figure_rounds.png").is_file()
+
+
+@pytest.mark.parametrize("skip, fragment", [
+    ('[{ "data.beta" = 1 }]', "experiment.skip[0].data.beta: not an axis"),
+    ('[{ "data.alpha" = 7 }]', "experiment.skip[0].data.alpha: 7.0 is not one of"),
+    ('[{}]', "experiment.skip[0]: empty"),
+    ('{ "data.alpha" = 7 }', "experiment.skip: expected a list"),
+])
+def test_a_bad_skip_names_its_entry(tmp_path, skip, fragment):
+    body = FRONTIER.replace('metrics = ["final_accuracy", "fairness.worst"]',
+                            f'metrics = ["final_accuracy", "fairness.worst"]\nskip = {skip}')
+    with pytest.raises(ExperimentError) as info:
+        load_experiment(write_experiment(tmp_path, body))
+    assert fragment in str(info.value) and "\n" not in str(info.value)

@@ -75,6 +75,9 @@ class DataConfig:
                                             "cooperative per distinct value, in sorted order, named after it")
     synthetic_alpha: float = _spec(1.0, low=0.0, doc="Synthetic(alpha, beta): model heterogeneity")
     synthetic_beta: float = _spec(1.0, low=0.0, doc="Synthetic(alpha, beta): feature heterogeneity")
+    synthetic_iid: bool = _spec(False, doc="Synthetic-IID of FedProx (data/synthetic_iid/generate_iid.py): one "
+                                           "W and b for every device and x ~ N(0, diag(j^-1.2)), so the task is "
+                                           "one linear rule (synthetic_alpha and synthetic_beta unused)")
     synthetic_features: int = _spec(60, low=1, doc="Synthetic: input dimension")
     synthetic_classes: int = _spec(10, low=2, doc="Synthetic: number of classes")
     synthetic_samples: int = _spec(4000, low=10, doc="Synthetic: total examples over all cooperatives")
@@ -82,9 +85,10 @@ class DataConfig:
                                   doc="extra identities one actor registers (0: none); they join as cooperatives "
                                       "num_cooperatives, num_cooperatives + 1, ...")
     sybil_actor: int = _spec(-1, low=-1, doc="the cooperative behind the extra identities (-1: the largest)")
-    sybil_mode: str = _spec("split", choices=("split", "copies"),
+    sybil_mode: str = _spec("split", choices=("split", "copies", "none"),
                             doc="split: the actor's data is dealt across itself and its identities; copies: each "
-                                "identity holds a copy of the actor's data")
+                                "identity holds a copy of the actor's data; none: no extra identities whatever "
+                                "data.sybil_identities says (an experiment's no-sybil baseline)")
 
 
 @dataclass

@@ -194,7 +194,9 @@ def plot_frontier(results_csv: str | Path, plot_spec: Mapping[str, Any], out_png
     error bars in both directions."""
     rows = _read_csv(results_csv)
     labels: Mapping[str, str] = plot_spec.get("labels") or {}
-    x, ys, point, series = plot_spec["x"], list(plot_spec["y"]), plot_spec["point"], plot_spec.get("series")
+    x, ys, series = plot_spec["x"], list(plot_spec["y"]), plot_spec.get("series")
+    point = plot_spec["point"]
+    point_keys = [point] if isinstance(point, str) else list(point)  # one label from one or more grid keys
     facets = list(plot_spec.get("facet") or [])
     facet_of = lambda r: " / ".join(f"{_pretty(k, labels)} = {r[k]}" for k in facets)  # noqa: E731
     panels = list(dict.fromkeys(facet_of(r) for r in rows)) or [""]
@@ -207,12 +209,20 @@ def plot_frontier(results_csv: str | Path, plot_spec: Mapping[str, Any], out_png
         low, high = _float(r.get(f"{m}_ci95_low")), _float(r.get(f"{m}_ci95_high"))
         return mean, (mean - low if not math.isnan(low) else 0.0), (high - mean if not math.isnan(high) else 0.0)
 
+    note = plot_spec.get("note")
+
+    def label_of(r: Mapping[str, str]) -> str:
+        """The point's name, and with ``note`` that metric's mean as a percentage (e.g. a sybil's share)."""
+        name = " / ".join(r[k] for k in point_keys)
+        value = _float(r.get(f"{note}_mean")) if note else math.nan
+        return name if math.isnan(value) else f"{name} ({value:.0%})"
+
     for row_i, metric in enumerate(ys):
         for col, panel in enumerate(panels):
             ax = axes[row_i][col]
             for index, name in enumerate(names):
                 members = [r for r in rows if facet_of(r) == panel and (not series or r[series] == name)]
-                pts = [(interval(r, x), interval(r, metric), r[point]) for r in members]
+                pts = [(interval(r, x), interval(r, metric), label_of(r)) for r in members]
                 pts = [p for p in pts if not (math.isnan(p[0][0]) or math.isnan(p[1][0]))]
                 if not pts:
                     continue
@@ -235,6 +245,10 @@ def plot_frontier(results_csv: str | Path, plot_spec: Mapping[str, Any], out_png
     if series and axes[0][0].get_legend_handles_labels()[0]:
         axes[0][0].legend(frameon=False, fontsize="x-small", loc="best")
     title = plot_spec.get("title") or Path(results_csv).parent.name
+    if len(point_keys) > 1:
+        title += f"; points: {' / '.join(_pretty(k, labels) for k in point_keys)}"
+    if note:
+        title += f"; in brackets: {_pretty(note, labels)}"
     fig.suptitle(textwrap.fill(title, 40 + 30 * len(panels)), fontsize="large", fontweight="bold")
     fig.tight_layout()
     return _save(fig, out_png, dpi=dpi)
@@ -252,36 +266,49 @@ def plot_rounds(rounds_csv: str | Path, plot_spec: Mapping[str, Any], out_png: s
     rows = _read_csv(rounds_csv)
     labels: Mapping[str, str] = plot_spec.get("labels") or {}
     metrics = list(plot_spec.get("rounds") or [])
+    facets = list(plot_spec.get("facet") or [])  # a frontier's facets: one column each
+    facet_of = lambda r: " / ".join(f"{_pretty(k, labels)} = {r[k]}" for k in facets)  # noqa: E731
+    panels = list(dict.fromkeys(facet_of(r) for r in rows)) or [""]
     styles = ["-", "--", ":", "-."]
-    fig, axes = plt.subplots(len(metrics), 1, sharex=True, squeeze=False, figsize=(8.5, 1.4 + 3.4 * len(metrics)))
-    for panel, metric in enumerate(metrics):
-        ax = axes[panel][0]
-        points = list(dict.fromkeys(r["point"] for r in rows if r["metric"] == metric))
-        for index, point in enumerate(points):
-            mine = sorted((r for r in rows if r["metric"] == metric and r["point"] == point and r["n"] != "0"),
-                          key=lambda r: _float(r["round"]))
-            xs = [_float(r["round"]) for r in mine]
-            color = _COLORS[index % len(_COLORS)]
-            # A point id is "key=value,key=value": show just the values.
-            name = ", ".join(part.split("=", 1)[-1] for part in point.split(","))
-            ax.plot(xs, [_float(r["mean"]) for r in mine], color=color, linewidth=2.0,
-                    linestyle=styles[index % len(styles)], label=name)
-            if any(_float(r["n"]) > 1 for r in mine):
-                ax.fill_between(xs, [_float(r["min"]) for r in mine], [_float(r["max"]) for r in mine],
-                                color=color, alpha=0.10, linewidth=0)
-        ax.set_ylabel(_pretty(metric, labels))
-        _style(ax)
-        if panel == 0:
-            ax.legend(frameon=False, fontsize="small", loc="best", ncol=2)
-    bottom = axes[-1][0]
-    bottom.set_xlabel("round")
-    bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig, axes = plt.subplots(len(metrics), len(panels), sharex="col", sharey="row", squeeze=False,
+                             figsize=(1.5 + 7.0 * len(panels) if len(panels) == 1 else 1.5 + 4.6 * len(panels),
+                                      1.4 + 3.4 * len(metrics)))
+    for row_i, metric in enumerate(metrics):
+        for col, panel in enumerate(panels):
+            ax = axes[row_i][col]
+            points = list(dict.fromkeys(r["point"] for r in rows if r["metric"] == metric and facet_of(r) == panel))
+            for index, point in enumerate(points):
+                mine = sorted((r for r in rows if r["metric"] == metric and r["point"] == point and r["n"] != "0"),
+                              key=lambda r: _float(r["round"]))
+                xs = [_float(r["round"]) for r in mine]
+                color = _COLORS[index % len(_COLORS)]
+                # A point id is "key=value__key=value": show the values the panel does not.
+                parts = [p for p in point.replace("__", ",").split(",") if p.split("=", 1)[0] not in facets]
+                name = ", ".join(part.split("=", 1)[-1] for part in parts)
+                ax.plot(xs, [_float(r["mean"]) for r in mine], color=color, linewidth=2.0,
+                        linestyle=styles[index % len(styles)], label=name)
+                if any(_float(r["n"]) > 1 for r in mine):
+                    ax.fill_between(xs, [_float(r["min"]) for r in mine], [_float(r["max"]) for r in mine],
+                                    color=color, alpha=0.10, linewidth=0)
+            if row_i == 0 and panel:
+                ax.set_title(panel, fontsize="small")
+            if col == 0:
+                ax.set_ylabel(_pretty(metric, labels))
+            _style(ax)
+            if row_i == 0 and col == 0:
+                ax.legend(frameon=False, fontsize="small", loc="best", ncol=2)
+    for ax in axes[-1]:
+        ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ns = sorted({int(_float(r["n"])) for r in rows if r["n"] and r["n"] != "0"})
     title = plot_spec.get("title") or Path(rounds_csv).parent.name
     fig.suptitle(textwrap.fill(title, 60), fontsize="large", fontweight="bold")
     seeds = f"{ns[0]}" if len(ns) == 1 else f"{ns[0]}-{ns[-1]}" if ns else "0"
-    axes[0][0].set_title(f"mean over n = {seeds} seeds; shaded: min to max over seeds", fontsize="small",
-                         color="0.35")
+    caption = f"mean over n = {seeds} seeds; shaded: min to max over seeds"
+    if len(panels) == 1 and not panels[0]:
+        axes[0][0].set_title(caption, fontsize="small", color="0.35")
+    else:
+        fig.text(0.5, 0.005, caption, ha="center", fontsize="small", color="0.35")
     fig.tight_layout()
     return _save(fig, out_png, dpi=dpi)
 

@@ -283,6 +283,7 @@ class RunRecord:
             "seed": cfg.seed,
             "final_accuracy": last.get("accuracy"),
             "final_loss": last.get("loss"),
+            "accuracy_by_round": [r.get("accuracy") for r in self.rows],  # global test set, for learning curves
             "rounds": len(self.rows),
             "wall_seconds": wall_seconds,
             "resumed_from_round": self.resumed_from,

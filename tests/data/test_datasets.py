@@ -173,3 +173,17 @@ def test_csv_single_class(tmp_path: Path) -> None:
 def test_unknown_dataset() -> None:
     with pytest.raises(DataError, match=r"data\.dataset"):
         load_dataset(DataConfig(dataset="mnist"), seed=0)
+
+
+def test_synthetic_iid_is_one_linear_rule_over_centred_features() -> None:
+    data = load_dataset(synthetic(synthetic_iid=True, synthetic_samples=20000), seed=0)
+    n, d = data.x.shape
+    np.testing.assert_allclose(data.x.mean(axis=0), 0.0, atol=4 * 1 / np.sqrt(n))
+    expected_sd = np.arange(1, d + 1) ** -0.6  # diag(j^-1.2), as in FedProx's generate_iid.py
+    np.testing.assert_allclose(data.x.std(axis=0), expected_sd, rtol=0.05)
+    # One W and b for every device: one linear classifier fits every device's labels.
+    from sklearn.linear_model import LogisticRegression
+
+    subset = slice(0, 5000)
+    fit = LogisticRegression(C=1e4, max_iter=2000).fit(data.x[subset], data.y[subset])
+    assert fit.score(data.x[subset], data.y[subset]) > 0.97

@@ -139,10 +139,15 @@ def _load_synthetic(cfg: DataConfig, *, seed: int) -> LoadedData:
     alpha and beta are standard deviations, as in the reference code. Note that u_k
     shifts every logit of a row by the same amount, so alpha leaves the labels (and so
     the data) unchanged; the heterogeneity across devices comes from beta and from W_k.
+
+    With ``synthetic_iid`` (FedProx's ``data/synthetic_iid/generate_iid.py``): one W ~ N(0, 1)
+    and b ~ N(0, 1) for every device and x ~ N(0, diag(j^-1.2)): a single linear rule.
     """
     rng = np.random.default_rng(seed)
     k, d, c = cfg.num_cooperatives, cfg.synthetic_features, cfg.synthetic_classes
     sizes = _device_sizes(cfg, rng)
+    if cfg.synthetic_iid:
+        return _synthetic_iid(cfg, sizes, rng)
     # Draw everything per device in one fixed order so a seed gives one dataset.
     u = rng.normal(0.0, 1.0, size=k) * cfg.synthetic_alpha
     big_b = rng.normal(0.0, 1.0, size=k) * cfg.synthetic_beta
@@ -166,6 +171,19 @@ def _load_synthetic(cfg: DataConfig, *, seed: int) -> LoadedData:
         groups=groups,
         group_names=tuple(f"device-{dev}" for dev in range(k)),
     )
+
+
+def _synthetic_iid(cfg: DataConfig, sizes: np.ndarray, rng: np.random.Generator) -> LoadedData:
+    k, d, c = cfg.num_cooperatives, cfg.synthetic_features, cfg.synthetic_classes
+    w = rng.standard_normal((d, c))
+    b = rng.standard_normal(c)
+    sd = np.arange(1, d + 1, dtype=np.float64) ** (-1.2 / 2)
+    x = rng.standard_normal((int(sizes.sum()), d)) * sd
+    return LoadedData(
+        name="synthetic", x=x.astype(np.float32), y=np.argmax(x @ w + b, axis=1).astype(np.int64), num_classes=c,
+        feature_names=tuple(f"x{j}" for j in range(d)), class_names=tuple(str(j) for j in range(c)),
+        groups=np.repeat(np.arange(k, dtype=np.int64), sizes),
+        group_names=tuple(f"device-{dev}" for dev in range(k)))
 
 
 # ---- CSV ------------------------------------------------------------------------------

@@ -194,7 +194,7 @@ def _build(cfg: DataConfig, seed: int) -> Federation:
                         "examples (e.g. %s)", len(small), cfg.min_examples, small[0])
 
     actors = tuple(range(len(cooperatives)))
-    if cfg.sybil_identities > 0:
+    if cfg.sybil_identities > 0 and cfg.sybil_mode != "none":
         cooperatives, actors = _add_sybils(cooperatives, cfg, x, data.y, np.random.default_rng([seed, 0x5B11]))
 
     return Federation(

@@ -117,10 +117,10 @@ class Experiment:
         return self.path.parent / "results" / (f"{self.name}-quick" if quick else self.name)
 
 
-_EXPERIMENT_KEYS = ("name", "description", "base", "seeds", "metrics", "overrides", "grid", "variants", "plot")
+_EXPERIMENT_KEYS = ("name", "description", "base", "seeds", "metrics", "overrides", "grid", "variants", "skip", "plot")
 _PLOT_KEYS = ("x", "series", "y", "xscale", "ylog", "title", "labels", "rounds")
 # kind = "frontier": one point per grid point, metric against metric (fedgov.plots.plot_frontier).
-_FRONTIER_KEYS = ("kind", "x", "y", "point", "series", "facet", "title", "labels")
+_FRONTIER_KEYS = ("kind", "x", "y", "point", "series", "facet", "title", "labels", "note", "rounds")
 
 
 def _flat_table(value: Any, where: str, *, leaves: type | tuple[type, ...] | None = None) -> dict[str, Any]:
@@ -221,12 +221,15 @@ def _frontier_spec(raw: Mapping[str, Any], *, where: str, grid: Mapping[str, lis
     y = raw.get("y", [])
     if not isinstance(y, list) or not y or any(m not in metrics for m in y):
         raise ExperimentError(f"{where}.y: expected a non-empty list of experiment.metrics")
-    point = _str(raw.get("point", ""), f"{where}.point")
+    point = raw.get("point", "")
+    points = [point] if isinstance(point, str) else point
+    if not isinstance(points, list) or not points or not all(isinstance(k, str) and k for k in points):
+        raise ExperimentError(f"{where}.point: expected a grid key or a list of grid keys")
     series = raw.get("series")
     facet = raw.get("facet", [])
     if isinstance(facet, str):
         facet = [facet]
-    named = [point] + ([series] if series else []) + list(facet)
+    named = list(points) + ([series] if series else []) + list(facet)
     for key in named:
         if key not in grid:
             raise ExperimentError(f"{where}: {key!r} is not a grid key ({', '.join(grid)})")
@@ -235,8 +238,15 @@ def _frontier_spec(raw: Mapping[str, Any], *, where: str, grid: Mapping[str, lis
             raise ExperimentError(f"{where}: grid key {key!r} has {len(grid[key])} values but is "
                                   f"neither plot.point, plot.series nor plot.facet")
     labels = _flat_table(raw.get("labels", {}), f"{where}.labels")
-    return {"kind": "frontier", "x": x, "y": list(y), "point": point, "series": series, "facet": list(facet),
-            "title": _str(raw.get("title", title), f"{where}.title"), "labels": labels}
+    note = raw.get("note")
+    if note is not None and note not in metrics:
+        raise ExperimentError(f"{where}.note: {note!r} is not one of experiment.metrics")
+    rounds = raw.get("rounds", [])
+    if not isinstance(rounds, list) or not all(isinstance(m, str) and m for m in rounds):
+        raise ExperimentError(f"{where}.rounds: expected a list of per-round summary paths")
+    return {"kind": "frontier", "x": x, "y": list(y), "point": list(points), "series": series, "facet": list(facet),
+            "title": _str(raw.get("title", title), f"{where}.title"), "labels": labels, "note": note,
+            "rounds": list(rounds)}
 
 
 def _plot_spec(raw: Any, *, where: str, grid: Mapping[str, list[Any]], metrics: tuple[str, ...],
@@ -366,8 +376,11 @@ def load_experiment(path: str | Path) -> Experiment:
             raise ExperimentError(f"{where}.grid.{key}: a value is listed twice")
 
     axes = {**({VARIANT_AXIS: list(variants)} if variants else {}), **normalized}
+    skip = _skip(exp.get("skip", []), f"{where}.skip", axes, base)
     points = []
     for values in expand_grid(axes):
+        if any(all(values[k] in chosen for k, chosen in entry.items()) for entry in skip):
+            continue
         point = Point(id=point_id(values), values=values)
         try:  # combinations can still clash (cross-key checks such as cnn needing digits)
             chosen = dict(values)
@@ -383,6 +396,37 @@ def load_experiment(path: str | Path) -> Experiment:
     return Experiment(path=path, name=name, description=description, base_path=base_path, base=base,
                       seeds=seeds, metrics=metrics, overrides=overrides, grid=normalized, plot=plot,
                       points=tuple(points), text=text, variants=variants)
+
+
+def _skip(raw: Any, where: str, axes: Mapping[str, list[Any]], base: Config) -> list[dict[str, list[Any]]]:
+    """``skip = [{key = value or [values], ...}, ...]``: the grid points matching every key of an
+    entry are not run (a product of axes where only some combinations are worth their cost)."""
+    if not isinstance(raw, list):
+        raise ExperimentError(f"{where}: expected a list of tables (axis -> value or list of values)")
+    entries = []
+    for i, table in enumerate(raw):
+        here = f"{where}[{i}]"
+        chosen = _flat_table(table, here)
+        if not chosen:
+            raise ExperimentError(f"{here}: empty (it would skip every point)")
+        entry: dict[str, list[Any]] = {}
+        for key, values in chosen.items():
+            if key not in axes:
+                raise ExperimentError(f"{here}.{key}: not an axis of the grid ({', '.join(axes)})")
+            values = values if isinstance(values, list) else [values]
+            normalized = []
+            for value in values:
+                if key != VARIANT_AXIS:
+                    try:
+                        value = base.replace(**{key: value}).to_flat()[key]
+                    except ConfigError as exc:
+                        raise ExperimentError(f"{here}: {_strip_source(str(exc))}") from None
+                if value not in axes[key]:
+                    raise ExperimentError(f"{here}.{key}: {value!r} is not one of the axis' values")
+                normalized.append(value)
+            entry[key] = normalized
+        entries.append(entry)
+    return entries
 
 
 def _variants(raw: Any, where: str, base: Config) -> dict[str, dict[str, Any]]:
