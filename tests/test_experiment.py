@@ -654,7 +654,8 @@ def test_end_to_end_tiny_experiment(tmp_path):
 FRONTIER = TINY.replace('"data.alpha" = [0.5, 100]', '"data.alpha" = [0.5, 100]\n"train.lr" = [0.05, 0.1, 0.2]').replace(
     'x = "data.alpha"\nxscale = "log"',
     'kind = "frontier"\nx = "fairness.worst"\ny = ["final_accuracy"]\npoint = "train.lr"\nfacet = "data.alpha"\n'
-    'note = "final_accuracy"\nrounds = ["attack.success_rate_by_round"]')
+    'note = "final_accuracy"\nrounds = ["attack.success_rate_by_round"]\nxscale = "log"\n'
+    'rounds_only = [{ "train.lr" = [0.05, 0.2] }]')
 
 
 def test_skip_leaves_out_the_points_it_matches_and_a_frontier_draws_notes_and_rounds(tmp_path):
@@ -670,6 +671,7 @@ def test_skip_leaves_out_the_points_it_matches_and_a_frontier_draws_notes_and_ro
     assert len(fake.commands) == 4
     assert len(read_csv(out / "results.csv")) == 4
     assert (out / "figure.png").is_file() and (out / "figure_rounds.png").is_file()
+    assert exp.plot["rounds_only"] == [{"train.lr": [0.05, 0.2]}]
 
 
 @pytest.mark.parametrize("skip, fragment", [

@@ -78,3 +78,47 @@ def test_a_whale_behind_several_identities_is_measured_as_one_actor_and_the_defe
     assert by_actor["max_weight"] == pytest.approx(max(shares.values()))
     # The defense scales down the near-identical updates of the whale's identities.
     assert shares[whale] < 4 / 13
+
+
+def test_a_registrar_that_catches_every_sybil_merges_them_and_the_audit_log_names_it(tmp_path):
+    """One member, one vote with a perfect registrar: the whale's 4 identities hold one vote of 10."""
+    from conftest import run_dir_of, run_simulate
+    from fedgov.results import read_json, read_jsonl
+
+    run = run_dir_of(run_simulate("--set", "data.sybil_identities=3", "--set", "governance.weighting=equal",
+                                  "--set", "governance.registrar=civil-registry", "--set",
+                                  "governance.registrar_catch=1", "--set", "train.rounds=2", "--set",
+                                  "train.local_epochs=1", "--set", "runtime.workers=0", "--out", str(tmp_path)))
+    summary = read_json(run / "summary.json")
+    actors = {str(c["id"]): c["actor"] for c in summary["cooperatives"]}
+    whale = actors["10"]
+    identities = [c for c, a in actors.items() if a == whale]
+    assert len(identities) == 4
+    for row in read_jsonl(run / "metrics.jsonl"):  # everyone trains every round: 10 members, 1/10 each
+        assert sum(row["weights"][c] for c in identities) == pytest.approx(0.1)
+        assert all(row["weights"][c] == pytest.approx(0.1) for c in actors if c not in identities)
+    assert summary["influence"]["run_by_actor"]["max_weight"] == pytest.approx(0.1)
+    assert summary["influence"]["sybil_weight"] == pytest.approx(0.1)
+    assert summary["influence"]["registrar"] == {"name": "civil-registry", "catch_probability": 1.0,
+                                                 "merged": 3, "sybil_identities": 3}
+    registrar = read_jsonl(run / "audit.jsonl")[0]["body"]["registrar"]  # the run_start record
+    assert registrar["name"] == "civil-registry" and "admits members" in registrar["power"]
+    assert registrar["merged"] == {c: whale for c in ("10", "11", "12")}
+    from fedgov.audit import verify
+
+    result = verify(run)
+    assert result.ok and "registrar 'civil-registry' (3 of 13 identities merged" in result.covered
+
+
+def test_stake_weights_follow_the_stakes_the_audit_log_records(tmp_path):
+    from conftest import run_dir_of, run_simulate
+    from fedgov.results import read_jsonl
+
+    run = run_dir_of(run_simulate("--set", "governance.weighting=stake", "--set", "attack.size_claim=100",
+                                  "--set", "attack.fraction=0.2", "--set", "train.rounds=1", "--set",
+                                  "train.local_epochs=1", "--set", "runtime.workers=0", "--out", str(tmp_path)))
+    stakes = read_jsonl(run / "audit.jsonl")[0]["body"]["stakes"]
+    weights = read_jsonl(run / "metrics.jsonl")[0]["weights"]
+    total = sum(stakes[c] for c in weights)
+    assert weights == pytest.approx({c: stakes[c] / total for c in weights})  # size lies gain nothing
+    assert max(stakes.values()) > 2 * sorted(stakes.values())[len(stakes) // 2]  # heavy-tailed

@@ -241,6 +241,8 @@ def plot_frontier(results_csv: str | Path, plot_spec: Mapping[str, Any], out_png
                 ax.set_ylabel(_pretty(metric, labels))
             if row_i == len(ys) - 1:
                 ax.set_xlabel(_pretty(x, labels))
+            if plot_spec.get("xscale") == "log":  # e.g. Nakamoto coefficients from 1 to thousands
+                ax.set_xscale("log")
             _style(ax)
     if series and axes[0][0].get_legend_handles_labels()[0]:
         axes[0][0].legend(frameon=False, fontsize="x-small", loc="best")
@@ -264,6 +266,10 @@ def plot_rounds(rounds_csv: str | Path, plot_spec: Mapping[str, Any], out_png: s
     say) stay visible on top of each other.
     """
     rows = _read_csv(rounds_csv)
+    only = plot_spec.get("rounds_only") or []  # [{axis: [values]}]: draw the points matching an entry
+    if only:
+        rows = [r for r in rows if any(all(r.get(k) in {str(v) for v in values} for k, values in entry.items())
+                                       for entry in only)]
     labels: Mapping[str, str] = plot_spec.get("labels") or {}
     metrics = list(plot_spec.get("rounds") or [])
     facets = list(plot_spec.get("facet") or [])  # a frontier's facets: one column each

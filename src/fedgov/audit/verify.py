@@ -73,8 +73,18 @@ def verify(run_dir: str | Path, public_key_hex: str | None = None, *, require_en
     problem = _check_run_dir(run_dir, chain, walk)
     if problem is not None:
         return problem
-    covered = walk.describe() + (", head matches the witness" if head else "")
+    covered = walk.describe() + (", head matches the witness" if head else "") + _membership(chain)
     return VerifyResult(True, n, head=chain.head, covered=covered)
+
+
+def _membership(chain: Chain) -> str:
+    """Who decided who counts as a member, when someone did: the registrar named in run_start."""
+    registrar = chain.records[0]["body"].get("registrar")
+    if not isinstance(registrar, dict):
+        return ""
+    merged = registrar.get("merged") or {}
+    return (f"; membership decided by registrar {registrar.get('name')!r} "
+            f"({len(merged)} of {registrar.get('identities_checked')} identities merged into another member)")
 
 
 def _head_problem(chain: Chain, witness: str) -> VerifyResult:

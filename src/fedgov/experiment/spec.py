@@ -120,7 +120,8 @@ class Experiment:
 _EXPERIMENT_KEYS = ("name", "description", "base", "seeds", "metrics", "overrides", "grid", "variants", "skip", "plot")
 _PLOT_KEYS = ("x", "series", "y", "xscale", "ylog", "title", "labels", "rounds")
 # kind = "frontier": one point per grid point, metric against metric (fedgov.plots.plot_frontier).
-_FRONTIER_KEYS = ("kind", "x", "y", "point", "series", "facet", "title", "labels", "note", "rounds")
+_FRONTIER_KEYS = ("kind", "x", "y", "point", "series", "facet", "title", "labels", "note", "rounds", "xscale",
+                  "rounds_only")
 
 
 def _flat_table(value: Any, where: str, *, leaves: type | tuple[type, ...] | None = None) -> dict[str, Any]:
@@ -208,7 +209,7 @@ def _metrics(value: Any, where: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _frontier_spec(raw: Mapping[str, Any], *, where: str, grid: Mapping[str, list[Any]],
+def _frontier_spec(raw: Mapping[str, Any], *, where: str, grid: Mapping[str, list[Any]], base: Config,
                    metrics: tuple[str, ...], title: str) -> dict[str, Any]:
     """``kind = "frontier"``: x and y are metrics; ``point`` labels each point, ``series`` colours
     it, ``facet`` (grid keys) splits the panels; every grid key must be one of them."""
@@ -244,17 +245,22 @@ def _frontier_spec(raw: Mapping[str, Any], *, where: str, grid: Mapping[str, lis
     rounds = raw.get("rounds", [])
     if not isinstance(rounds, list) or not all(isinstance(m, str) and m for m in rounds):
         raise ExperimentError(f"{where}.rounds: expected a list of per-round summary paths")
+    xscale = raw.get("xscale", "linear")
+    if xscale not in ("linear", "log"):
+        raise ExperimentError(f"{where}.xscale: {xscale!r} is not one of linear, log")
+    # The learning curves of a few cells: entries as in experiment.skip, a point drawn if it matches one.
+    rounds_only = _skip(raw.get("rounds_only", []), f"{where}.rounds_only", grid, base)
     return {"kind": "frontier", "x": x, "y": list(y), "point": list(points), "series": series, "facet": list(facet),
             "title": _str(raw.get("title", title), f"{where}.title"), "labels": labels, "note": note,
-            "rounds": list(rounds)}
+            "rounds": list(rounds), "xscale": xscale, "rounds_only": rounds_only}
 
 
-def _plot_spec(raw: Any, *, where: str, grid: Mapping[str, list[Any]], metrics: tuple[str, ...],
+def _plot_spec(raw: Any, *, where: str, grid: Mapping[str, list[Any]], base: Config, metrics: tuple[str, ...],
                title: str) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ExperimentError(f"{where}: expected a table, got {type(raw).__name__}")
     if raw.get("kind") == "frontier":
-        return _frontier_spec(raw, where=where, grid=grid, metrics=metrics, title=title)
+        return _frontier_spec(raw, where=where, grid=grid, base=base, metrics=metrics, title=title)
     for key in raw:
         if key not in _PLOT_KEYS:
             raise ExperimentError(f"{where}.{key}: unknown key (one of {', '.join(_PLOT_KEYS)})")
@@ -391,7 +397,7 @@ def load_experiment(path: str | Path) -> Experiment:
             raise ExperimentError(f"{where}.grid: point {shown}: {_strip_source(str(exc))}") from None
         points.append(point)
 
-    plot = _plot_spec(exp.get("plot", {}), where=f"{where}.plot", grid=axes, metrics=metrics,
+    plot = _plot_spec(exp.get("plot", {}), where=f"{where}.plot", grid=axes, base=base, metrics=metrics,
                       title=description or name)
     return Experiment(path=path, name=name, description=description, base_path=base_path, base=base,
                       seeds=seeds, metrics=metrics, overrides=overrides, grid=normalized, plot=plot,
