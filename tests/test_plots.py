@@ -103,6 +103,7 @@ def test_cli(tmp_path, capsys):
 
 
 def test_plot_frontier_one_point_per_policy_per_facet(tmp_path):
+    from fedgov.config import Config
     from fedgov.experiment.spec import ExperimentError, _plot_spec
     from fedgov.plots import plot_frontier
 
@@ -121,10 +122,12 @@ def test_plot_frontier_one_point_per_policy_per_facet(tmp_path):
     metrics = ("influence.run_by_actor.nakamoto", "final_accuracy", "fairness.worst")
     raw = {"kind": "frontier", "x": "influence.run_by_actor.nakamoto", "y": ["final_accuracy", "fairness.worst"],
            "point": "governance.weighting", "series": "data.sybil_identities", "facet": "data.num_cooperatives"}
-    spec = _plot_spec(raw, where="plot", grid=grid, metrics=metrics, title="frontier")
+    base = Config()
+    spec = _plot_spec(raw, where="plot", grid=grid, base=base, metrics=metrics, title="frontier")
     assert spec["facet"] == ["data.num_cooperatives"] and spec["kind"] == "frontier"
     assert_png(plot_frontier(tmp_path / "results.csv", spec, tmp_path / "figure.png"))
     with pytest.raises(ExperimentError, match="data.num_cooperatives"):  # an axis left out of the figure
-        _plot_spec({**raw, "facet": []}, where="plot", grid=grid, metrics=metrics, title="t")
+        _plot_spec({**raw, "facet": []}, where="plot", grid=grid, base=base, metrics=metrics, title="t")
     with pytest.raises(ExperimentError, match="plot.x"):
-        _plot_spec({**raw, "x": "governance.weighting"}, where="plot", grid=grid, metrics=metrics, title="t")
+        _plot_spec({**raw, "x": "governance.weighting"}, where="plot", grid=grid, base=base, metrics=metrics,
+                   title="t")

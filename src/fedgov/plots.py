@@ -213,7 +213,8 @@ def plot_frontier(results_csv: str | Path, plot_spec: Mapping[str, Any], out_png
 
     def label_of(r: Mapping[str, str]) -> str:
         """The point's name, and with ``note`` that metric's mean as a percentage (e.g. a sybil's share)."""
-        name = " / ".join(r[k] for k in point_keys)
+        defaults = plot_spec.get("point_defaults") or {}
+        name = " / ".join(r[k] for i, k in enumerate(point_keys) if i == 0 or r[k] != defaults.get(k))
         value = _float(r.get(f"{note}_mean")) if note else math.nan
         return name if math.isnan(value) else f"{name} ({value:.0%})"
 
@@ -273,6 +274,9 @@ def plot_rounds(rounds_csv: str | Path, plot_spec: Mapping[str, Any], out_png: s
     labels: Mapping[str, str] = plot_spec.get("labels") or {}
     metrics = list(plot_spec.get("rounds") or [])
     facets = list(plot_spec.get("facet") or [])  # a frontier's facets: one column each
+    fields = list(rows[0]) if rows else []
+    axes_keys = fields[1:fields.index("metric")] if "metric" in fields else []
+    shown = [k for k in axes_keys if k not in facets and len({r[k] for r in rows}) > 1] or axes_keys[:1]
     facet_of = lambda r: " / ".join(f"{_pretty(k, labels)} = {r[k]}" for k in facets)  # noqa: E731
     panels = list(dict.fromkeys(facet_of(r) for r in rows)) or [""]
     styles = ["-", "--", ":", "-."]
@@ -286,11 +290,11 @@ def plot_rounds(rounds_csv: str | Path, plot_spec: Mapping[str, Any], out_png: s
             for index, point in enumerate(points):
                 mine = sorted((r for r in rows if r["metric"] == metric and r["point"] == point and r["n"] != "0"),
                               key=lambda r: _float(r["round"]))
+                if not mine:
+                    continue
                 xs = [_float(r["round"]) for r in mine]
                 color = _COLORS[index % len(_COLORS)]
-                # A point id is "key=value__key=value": show the values the panel does not.
-                parts = [p for p in point.replace("__", ",").split(",") if p.split("=", 1)[0] not in facets]
-                name = ", ".join(part.split("=", 1)[-1] for part in parts)
+                name = ", ".join(mine[0][k] for k in shown)  # the axis values that tell the lines apart
                 ax.plot(xs, [_float(r["mean"]) for r in mine], color=color, linewidth=2.0,
                         linestyle=styles[index % len(styles)], label=name)
                 if any(_float(r["n"]) > 1 for r in mine):
@@ -301,7 +305,7 @@ def plot_rounds(rounds_csv: str | Path, plot_spec: Mapping[str, Any], out_png: s
             if col == 0:
                 ax.set_ylabel(_pretty(metric, labels))
             _style(ax)
-            if row_i == 0 and col == 0:
+            if row_i == 0 and col == 0 and len(panels) == 1:
                 ax.legend(frameon=False, fontsize="small", loc="best", ncol=2)
     for ax in axes[-1]:
         ax.set_xlabel("round")
@@ -313,9 +317,18 @@ def plot_rounds(rounds_csv: str | Path, plot_spec: Mapping[str, Any], out_png: s
     caption = f"mean over n = {seeds} seeds; shaded: min to max over seeds"
     if len(panels) == 1 and not panels[0]:
         axes[0][0].set_title(caption, fontsize="small", color="0.35")
-    else:
-        fig.text(0.5, 0.005, caption, ha="center", fontsize="small", color="0.35")
-    fig.tight_layout()
+        fig.tight_layout()
+    else:  # one legend for every panel, below them, naming the varying keys
+        handles, names = {}, []
+        for ax in axes.flat:
+            for handle, name in zip(*ax.get_legend_handles_labels()):
+                if name not in handles:
+                    handles[name] = handle
+                    names.append(name)
+        legend_title = ", ".join(_pretty(k, labels) for k in shown)
+        fig.legend([handles[n] for n in names], names, loc="lower center", ncol=min(len(names), 4),
+                   frameon=False, fontsize="small", title=f"{legend_title}; {caption}", title_fontsize="small")
+        fig.tight_layout(rect=(0, 0.08 + 0.03 * math.ceil(len(names) / 4), 1, 1))
     return _save(fig, out_png, dpi=dpi)
 
 

@@ -252,7 +252,9 @@ def _frontier_spec(raw: Mapping[str, Any], *, where: str, grid: Mapping[str, lis
     rounds_only = _skip(raw.get("rounds_only", []), f"{where}.rounds_only", grid, base)
     return {"kind": "frontier", "x": x, "y": list(y), "point": list(points), "series": series, "facet": list(facet),
             "title": _str(raw.get("title", title), f"{where}.title"), "labels": labels, "note": note,
-            "rounds": list(rounds), "xscale": xscale, "rounds_only": rounds_only}
+            "rounds": list(rounds), "xscale": xscale, "rounds_only": rounds_only,
+            # a label leaves out a value the base config already has (as the CSV writes it)
+            "point_defaults": {k: str(base.to_flat()[k]) for k in points[1:] if k in base.to_flat()}}
 
 
 def _plot_spec(raw: Any, *, where: str, grid: Mapping[str, list[Any]], base: Config, metrics: tuple[str, ...],
