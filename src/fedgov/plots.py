@@ -277,6 +277,7 @@ def plot_rounds(rounds_csv: str | Path, plot_spec: Mapping[str, Any], out_png: s
     fields = list(rows[0]) if rows else []
     axes_keys = fields[1:fields.index("metric")] if "metric" in fields else []
     shown = [k for k in axes_keys if k not in facets and len({r[k] for r in rows}) > 1] or axes_keys[:1]
+    line_names = list(dict.fromkeys(", ".join(r[k] for k in shown) for r in rows))  # one colour each, all panels
     facet_of = lambda r: " / ".join(f"{_pretty(k, labels)} = {r[k]}" for k in facets)  # noqa: E731
     panels = list(dict.fromkeys(facet_of(r) for r in rows)) or [""]
     styles = ["-", "--", ":", "-."]
@@ -293,10 +294,11 @@ def plot_rounds(rounds_csv: str | Path, plot_spec: Mapping[str, Any], out_png: s
                 if not mine:
                     continue
                 xs = [_float(r["round"]) for r in mine]
-                color = _COLORS[index % len(_COLORS)]
                 name = ", ".join(mine[0][k] for k in shown)  # the axis values that tell the lines apart
+                style = line_names.index(name)
+                color = _COLORS[style % len(_COLORS)]
                 ax.plot(xs, [_float(r["mean"]) for r in mine], color=color, linewidth=2.0,
-                        linestyle=styles[index % len(styles)], label=name)
+                        linestyle=styles[style % len(styles)], label=name)
                 if any(_float(r["n"]) > 1 for r in mine):
                     ax.fill_between(xs, [_float(r["min"]) for r in mine], [_float(r["max"]) for r in mine],
                                     color=color, alpha=0.10, linewidth=0)
@@ -382,7 +384,8 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="accuracy per round of one run directory")
     run.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory (holds metrics.jsonl)")
     run.add_argument("-o", "--out", type=Path, default=None, help="PNG file (default: RUN_DIR/accuracy.png)")
-    exp = sub.add_parser("experiment", help="an experiment's figure from its results folder")
+    exp = sub.add_parser("experiment", help="an experiment's figures from its results folder (figure.png, and "
+                                            "figure_rounds.png where it has per-round series)")
     exp.add_argument("results_dir", type=Path, metavar="RESULTS_DIR",
                      help="an experiment's results folder (holds results.csv and experiment.json)")
     exp.add_argument("-o", "--out", type=Path, default=None, help="PNG file (default: RESULTS_DIR/figure.png)")
@@ -400,14 +403,21 @@ def main(argv: list[str] | None = None) -> int:
             for name in ("results.csv", "experiment.json"):
                 if not (args.results_dir / name).is_file():
                     raise ValueError(f"{args.results_dir}: not an experiment folder (no {name})")
-            spec = read_json(args.results_dir / "experiment.json")["plot"]
+            meta = read_json(args.results_dir / "experiment.json")
+            spec = meta["plot"]
             runs = args.results_dir / "runs.csv"
             if spec.get("kind") == "frontier":
+                if "point_defaults" not in spec:  # an experiment.json from before labels left them out
+                    base = meta.get("base_config") or {}
+                    spec["point_defaults"] = {k: str(base[k]) for k in spec["point"][1:] if k in base}
                 path = plot_frontier(args.results_dir / "results.csv", spec, args.out or args.results_dir / "figure.png")
             else:
                 path = plot_experiment(args.results_dir / "results.csv", spec,
                                        args.out or args.results_dir / "figure.png",
                                        runs_csv=runs if runs.is_file() else None)
+            rounds_csv = args.results_dir / "rounds.csv"
+            if spec.get("rounds") and rounds_csv.is_file() and args.out is None:
+                print(plot_rounds(rounds_csv, spec, args.results_dir / "figure_rounds.png"))
     except (OSError, ValueError, KeyError) as exc:
         from .cli import fail
 
