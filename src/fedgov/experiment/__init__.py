@@ -21,7 +21,11 @@ An experiment file holds one ``[experiment]`` table::
     he = { "secure.aggregation" = "he" }
 
 With variants the grid is optional; with both, every variant runs at every grid
-point. A variant and the grid may not set the same key.
+point. A variant and the grid may not set the same key. Where only some cells of the
+product are worth their cost, ``skip`` (in ``[experiment]``) leaves out every point
+that matches all keys of one entry::
+
+    skip = [{ "governance.weighting" = "samples", "governance.registrar_catch" = [0.5, 1.0] }]
 
     [experiment.plot]                 # optional
     x = "data.alpha"                  # a grid key (default: the first)
@@ -33,6 +37,13 @@ point. A variant and the grid may not set the same key.
     labels = { "data.alpha" = "Dirichlet alpha" }   # display names for keys and metrics
     rounds = ["attack.success_rate_by_round"]        # optional: per-round lists in summary.json,
                                                      # drawn over rounds (rounds.csv, figure_rounds.png)
+
+A ``kind = "frontier"`` plot draws metric against metric, one point per grid point:
+``x`` and ``y`` are metrics; ``point`` (a grid key or a list of them) labels each point,
+leaving out values the base config already has; ``series`` colours it; ``facet`` splits
+the panels; ``note`` adds a metric to each label in brackets; ``xscale = "log"``;
+``rounds`` as above, and ``rounds_only`` (entries as in ``skip``) draws only the points
+matching an entry there. See ``experiments/dao.toml``.
 
 Every (grid point, seed) runs ``python -m fedgov.simulate`` in its own process, so
 each run gets fresh workers. Results go to ``<folder of FILE>/results/<name>/``:
