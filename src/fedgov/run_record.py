@@ -329,11 +329,12 @@ class RunRecord:
                                  **mean_influence([r["influence"] for r in self.rows if r.get("influence")])}
         # Over the whole run, and per actor (with sybils, simulation ground truth): who holds the weight.
         actors = self.ground_truth.get("actors") or {}
-        block["run"] = self._run_influence()
-        block["run_by_actor"] = self._run_influence(actor_of={str(c): str(a) for c, a in actors.items()})
+        by_actor = self._actor_totals({str(c): str(a) for c, a in actors.items()})
+        block["run"] = self._run_influence(self._actor_totals({}))
+        block["run_by_actor"] = self._run_influence(by_actor)
         sybil_actors = {a for c, a in actors.items() if int(c) != int(a)}
         if sybil_actors:  # the share of the run's weight held by whoever registered extra identities
-            totals = self._actor_totals({str(c): str(a) for c, a in actors.items()})
+            totals = by_actor
             block["sybil_weight"] = (sum(totals.get(str(a), 0.0) for a in sybil_actors) / sum(totals.values())
                                      if any(totals.values()) else None)
         if self.registrar is not None:
@@ -348,16 +349,16 @@ class RunRecord:
                                                          if "applied_weight_sum" in r]))
         return block
 
-    def _run_influence(self, actor_of: dict[str, str] | None = None) -> dict[str, Any]:
-        """Concentration of the weight each member realized over the whole run, every member counted.
+    @staticmethod
+    def _run_influence(totals: dict[str, float]) -> dict[str, Any]:
+        """Concentration of the weight each member (or actor) realized over the whole run, every one counted.
 
-        A member's share is its aggregation weight summed over the rounds (the weight it
-        applied itself under HE) over the rounds' total; members that never took part hold 0.
-        With ``actor_of`` (identity -> actor), the weight of every identity goes to its actor.
+        ``totals`` (from :meth:`_actor_totals`): each member's aggregation weight summed over the
+        rounds (the weight it applied itself under HE), or with identities given to their actor;
+        members that never took part hold 0.
         """
         from .governance.weighting import influence
 
-        totals = self._actor_totals(actor_of or {})
         if not any(totals.values()):  # no weight realized yet: the measures are undefined
             return {"nakamoto": None, "gini": None, "hhi": None, "max_weight": None, "top_member": None,
                     "members": len(totals), "members_with_weight": 0}

@@ -250,11 +250,12 @@ def _frontier_spec(raw: Mapping[str, Any], *, where: str, grid: Mapping[str, lis
         raise ExperimentError(f"{where}.xscale: {xscale!r} is not one of linear, log")
     # The learning curves of a few cells: entries as in experiment.skip, a point drawn if it matches one.
     rounds_only = _skip(raw.get("rounds_only", []), f"{where}.rounds_only", grid, base)
+    flat = base.to_flat()
     return {"kind": "frontier", "x": x, "y": list(y), "point": list(points), "series": series, "facet": list(facet),
             "title": _str(raw.get("title", title), f"{where}.title"), "labels": labels, "note": note,
             "rounds": list(rounds), "xscale": xscale, "rounds_only": rounds_only,
             # a label leaves out a value the base config already has (as the CSV writes it)
-            "point_defaults": {k: str(base.to_flat()[k]) for k in points[1:] if k in base.to_flat()}}
+            "point_defaults": {k: str(flat[k]) for k in points[1:] if k in flat}}
 
 
 def _plot_spec(raw: Any, *, where: str, grid: Mapping[str, list[Any]], base: Config, metrics: tuple[str, ...],

@@ -13,8 +13,9 @@ it sees through into their actor, at the price of holding the power to admit mem
   member counts once: its weight is the policy's weight of the member's total size (or
   stake), shared among its identities in the round in proportion to their own.
 
-``fedgov.strategies`` (plaintext and HE rounds) and ``fedgov.floor`` weight through an
-:class:`Electorate`; ``fedgov.server_app`` builds it with :func:`electorate_for`.
+``fedgov.strategies`` (plaintext and HE rounds) weight through an :class:`Electorate`;
+``fedgov.server_app`` builds it with :func:`electorate_for`. ``fedgov.floor`` refuses stake
+and registrar runs: it weights every identity by its size.
 """
 
 from __future__ import annotations
@@ -117,9 +118,6 @@ class Electorate:
         members: dict[int, list[int]] = {}
         for c in ids:
             members.setdefault(self.merged.get(c, c), []).append(c)
-        if len(members) == len(ids):  # nobody merged: every identity is a member
-            return dict(zip(ids, (float(w) for w in policy_weights(policy, [values[c] for c in ids],
-                                                                    cap=self.cap))))
         order = sorted(members)
         totals = [sum(values[c] for c in members[m]) for m in order]
         member_weights = policy_weights(policy, totals, cap=self.cap)
