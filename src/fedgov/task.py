@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from .models import LogisticRegression
+
 __all__ = ["TrainResult", "EvalResult", "make_loader", "train", "evaluate", "resolve_device"]
 
 
@@ -47,7 +49,16 @@ def train(model: nn.Module, loader: DataLoader, *, epochs: int, lr: float, momen
           device: torch.device, proximal_mu: float = 0.0,
           optimizer: torch.optim.Optimizer | None = None, criterion: nn.Module | None = None,
           skip_empty_batches: bool = True) -> TrainResult:
-    """Local SGD; with ``proximal_mu > 0`` adds FedProx's proximal term towards the received weights."""
+    """Local SGD; with ``proximal_mu > 0`` adds FedProx's proximal term towards the received weights.
+
+    A logistic regression on the CPU with fedgov's own optimizer and loss trains through
+    :func:`_train_softmax_regression`: the same steps on the same batches, with the gradient
+    written out instead of taken by autograd, about ten times faster per step.
+    """
+    if (optimizer is None and criterion is None and device.type == "cpu" and isinstance(model, LogisticRegression)
+            and isinstance(loader.dataset, TensorDataset)):
+        return _train_softmax_regression(model, loader, epochs=epochs, lr=lr, momentum=momentum,
+                                         proximal_mu=proximal_mu)
     model.to(device)
     model.train()
     if optimizer is None:
@@ -75,6 +86,78 @@ def train(model: nn.Module, loader: DataLoader, *, epochs: int, lr: float, momen
             steps += 1
     return TrainResult(num_examples=len(loader.dataset), steps=steps,
                        train_loss=total_loss / max(total_seen, 1))
+
+
+def _batch_orders(loader: DataLoader, epochs: int):
+    """The row order of each epoch, as ``loader`` would draw it from its generator.
+
+    A DataLoader's iterator first draws its base seed from the generator, then its
+    RandomSampler draws one permutation to serve and a second for the remainder it never
+    serves; drawing the same numbers keeps batches (and so results) identical.
+    """
+    n = len(loader.dataset)
+    generator = loader.generator
+    shuffled = generator is not None and isinstance(loader.sampler, torch.utils.data.RandomSampler)
+    for _ in range(epochs):
+        if not shuffled:
+            yield np.arange(n)
+            continue
+        torch.empty((), dtype=torch.int64).random_(generator=generator)
+        order = torch.randperm(n, generator=generator).numpy()
+        torch.randperm(n, generator=generator)
+        yield order
+
+
+def _train_softmax_regression(model: "LogisticRegression", loader: DataLoader, *, epochs: int, lr: float,
+                              momentum: float, proximal_mu: float) -> TrainResult:
+    """``train`` for a logistic regression: SGD with cross-entropy's gradient in closed form.
+
+    Per batch of size m: p = softmax(x W^T + b), the gradient of the mean loss is
+    (p - onehot(y))^T x / m for W and its column sums for b; the proximal term adds
+    mu (w - w_received); momentum follows torch.optim.SGD (no dampening, not Nesterov).
+    float32 throughout, as autograd would compute it, up to rounding.
+    """
+    x_all, y_all = (t.numpy() for t in loader.dataset.tensors)
+    x_all = x_all.reshape(len(x_all), -1)
+    linear = model.linear
+    weight = linear.weight.detach().numpy().T.copy()  # (d, C), so a batch's logits are x @ weight
+    bias = linear.bias.detach().numpy().copy()
+    anchor = (weight.copy(), bias.copy()) if proximal_mu > 0 else None
+    velocity: tuple[np.ndarray, np.ndarray] | None = None
+    lr32, mu32, momentum32 = np.float32(lr), np.float32(proximal_mu), np.float32(momentum)
+    batch = loader.batch_size or 1
+    total_loss, total_seen, steps = 0.0, 0, 0
+    for order in _batch_orders(loader, epochs):
+        for start in range(0, len(order), batch):
+            rows = order[start:start + batch]
+            xb, yb = x_all[rows], y_all[rows]
+            m = len(rows)
+            logits = xb @ weight + bias
+            top = logits.max(axis=1, keepdims=True)
+            exp = np.exp(logits - top)
+            norm = exp.sum(axis=1, keepdims=True)
+            picked = np.arange(m)
+            total_loss += float((np.log(norm[:, 0]) + top[:, 0] - logits[picked, yb]).sum())
+            grad_logits = exp / norm
+            grad_logits[picked, yb] -= 1.0
+            grad_logits /= np.float32(m)
+            grad_w = xb.T @ grad_logits
+            grad_b = grad_logits.sum(axis=0)
+            if anchor is not None:
+                grad_w += mu32 * (weight - anchor[0])
+                grad_b += mu32 * (bias - anchor[1])
+            if momentum32 > 0:
+                velocity = ((grad_w, grad_b) if velocity is None else
+                            (momentum32 * velocity[0] + grad_w, momentum32 * velocity[1] + grad_b))
+                grad_w, grad_b = velocity
+            weight -= lr32 * grad_w
+            bias -= lr32 * grad_b
+            total_seen += m
+            steps += 1
+    with torch.no_grad():
+        linear.weight.copy_(torch.from_numpy(np.ascontiguousarray(weight.T)))
+        linear.bias.copy_(torch.from_numpy(bias))
+    return TrainResult(num_examples=len(loader.dataset), steps=steps, train_loss=total_loss / max(total_seen, 1))
 
 
 @torch.no_grad()
