@@ -78,9 +78,19 @@ class DataConfig:
     synthetic_iid: bool = _spec(False, doc="Synthetic-IID of FedProx (data/synthetic_iid/generate_iid.py): one "
                                            "W and b for every device and x ~ N(0, diag(j^-1.2)), so the task is "
                                            "one linear rule (synthetic_alpha and synthetic_beta unused)")
+    synthetic_reference: bool = _spec(False, doc="Synthetic as the FedProx / q-FFL reference scripts make it "
+                                                 "(litian96/FedProx data/synthetic_*/generate_*.py): device sizes "
+                                                 "int(lognormal(4, 2)) + 50 (synthetic_samples unused), numpy's legacy "
+                                                 "generator seeded with the data seed, and a random split of each "
+                                                 "device, local_test_fraction held out; the test set is the union of "
+                                                 "the devices' test splits (test_fraction unused). Needs "
+                                                 "partition = 'natural'")
     synthetic_features: int = _spec(60, low=1, doc="Synthetic: input dimension")
     synthetic_classes: int = _spec(10, low=2, doc="Synthetic: number of classes")
     synthetic_samples: int = _spec(4000, low=10, doc="Synthetic: total examples over all cooperatives")
+    seed: int = _spec(-1, low=-1, doc="the data seed: fixes the dataset (synthetic draws), the global test set and "
+                                      "the partition, so one federation can be rerun under many run seeds "
+                                      "(-1: the run's seed)")
     sybil_identities: int = _spec(0, low=0, high=10_000,
                                   doc="extra identities one actor registers (0: none); they join as cooperatives "
                                       "num_cooperatives, num_cooperatives + 1, ...")
@@ -267,7 +277,7 @@ class RuntimeConfig:
 
 @dataclass
 class Config:
-    seed: int = _spec(0, low=0, doc="fixes partitions, initialisation and client sampling")
+    seed: int = _spec(0, low=0, doc="fixes partitions (unless data.seed is set), initialisation and client sampling")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -373,6 +383,9 @@ def _cross_check(cfg: Config, where: str) -> None:
                           f"of its own ('csv' with data.cooperative_column, or 'synthetic')")
     if data.partition == "natural" and data.dataset == "csv" and not data.cooperative_column:
         raise ConfigError(f"{where}: data.cooperative_column: required for data.partition = 'natural'")
+    if data.synthetic_reference and (data.dataset != "synthetic" or data.partition != "natural"):
+        raise ConfigError(f"{where}: data.synthetic_reference: needs data.dataset = 'synthetic' and "
+                          f"data.partition = 'natural' (each reference device is one cooperative)")
     if data.num_cooperatives < 2 and data.partition != "natural":
         raise ConfigError(f"{where}: data.num_cooperatives: a federation needs at least 2 cooperatives")
     privacy, secure = cfg.privacy, cfg.secure

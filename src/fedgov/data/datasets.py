@@ -143,6 +143,8 @@ def _load_synthetic(cfg: DataConfig, *, seed: int) -> LoadedData:
     With ``synthetic_iid`` (FedProx's ``data/synthetic_iid/generate_iid.py``): one W ~ N(0, 1)
     and b ~ N(0, 1) for every device and x ~ N(0, diag(j^-1.2)): a single linear rule.
     """
+    if cfg.synthetic_reference:
+        return _synthetic_reference(cfg, seed=seed)
     rng = np.random.default_rng(seed)
     k, d, c = cfg.num_cooperatives, cfg.synthetic_features, cfg.synthetic_classes
     sizes = _device_sizes(cfg, rng)
@@ -184,6 +186,45 @@ def _synthetic_iid(cfg: DataConfig, sizes: np.ndarray, rng: np.random.Generator)
         feature_names=tuple(f"x{j}" for j in range(d)), class_names=tuple(str(j) for j in range(c)),
         groups=np.repeat(np.arange(k, dtype=np.int64), sizes),
         group_names=tuple(f"device-{dev}" for dev in range(k)))
+
+
+def _synthetic_reference(cfg: DataConfig, *, seed: int) -> LoadedData:
+    """Synthetic(alpha, beta) and Synthetic-IID exactly as litian96/FedProx's scripts draw them.
+
+    ``data/synthetic_*/generate_synthetic.py`` and ``data/synthetic_iid/generate_iid.py`` (also
+    fair_flearn's ``data/synthetic``), with ``np.random.seed(seed)`` before the call: the same
+    legacy-generator calls in the same order, so the same seed gives the same numbers. Device i
+    holds int(lognormal(4, 2)) + 50 rows. Non-IID: mean_W ~ N(0, alpha) per device and
+    mean_b = mean_W, B ~ N(0, beta), mean_x[i] ~ N(B[i], 1) per feature, then per device
+    W ~ N(mean_W[i], 1) of shape (d, C), b ~ N(mean_W[i], 1), x ~ N(mean_x[i], diag(j^-1.2)).
+    IID: one W ~ N(0, 1), b ~ N(0, 1) and x ~ N(0, diag(j^-1.2)). y = argmax(x W + b).
+    """
+    rs = np.random.RandomState(seed)
+    k, d, c = cfg.num_cooperatives, cfg.synthetic_features, cfg.synthetic_classes
+    sizes = rs.lognormal(4, 2, k).astype(int) + 50
+    cov = np.diag(np.power(np.arange(1, d + 1, dtype=np.float64), -1.2))
+    xs, ys = [], []
+    if cfg.synthetic_iid:
+        w, b = rs.normal(0, 1, (d, c)), rs.normal(0, 1, c)
+        for i in range(k):
+            x = rs.multivariate_normal(np.zeros(d), cov, sizes[i])
+            xs.append(x)
+            ys.append(np.argmax(x @ w + b, axis=1))
+    else:
+        mean_w = rs.normal(0, cfg.synthetic_alpha, k)
+        big_b = rs.normal(0, cfg.synthetic_beta, k)
+        mean_x = np.stack([rs.normal(big_b[i], 1, d) for i in range(k)])
+        for i in range(k):
+            w = rs.normal(mean_w[i], 1, (d, c))
+            b = rs.normal(mean_w[i], 1, c)
+            x = rs.multivariate_normal(mean_x[i], cov, sizes[i])
+            xs.append(x)
+            ys.append(np.argmax(x @ w + b, axis=1))  # the reference's argmax(softmax(.)), row by row
+    return LoadedData(
+        name="synthetic", x=np.concatenate(xs).astype(np.float32), y=np.concatenate(ys).astype(np.int64),
+        num_classes=c, feature_names=tuple(f"x{j}" for j in range(d)), class_names=tuple(str(j) for j in range(c)),
+        groups=np.repeat(np.arange(k, dtype=np.int64), sizes),
+        group_names=tuple(f"f_{i:05d}" for i in range(k)))
 
 
 # ---- CSV ------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import logging
 import math
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from fedgov.config import DataConfig
 from fedgov.data.datasets import DataError, LoadedData, largest_remainder, load_dataset, standardize
 from fedgov.data.partition import partition_indices
 
-__all__ = ["Split", "Cooperative", "Federation", "build_federation", "clear_cache",
+__all__ = ["Split", "Cooperative", "Federation", "build_federation", "clear_cache", "data_seed",
            "federation_summary"]
 
 log = logging.getLogger(__name__)
@@ -154,8 +155,33 @@ def _split(x: np.ndarray, y: np.ndarray, rows: np.ndarray) -> Split:
 
 # ---- building -------------------------------------------------------------------------
 
+def _reference_split(data: LoadedData, cfg: DataConfig, seed: int) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+    """The reference scripts' split: each device's rows shuffled by Python's ``random`` (seeded
+    with the data seed, device by device), the first int((1 - local_test_fraction) n) to train.
+    Returns the global test rows (the union of the devices' test rows) and each device's
+    (train, test) rows."""
+    shuffler = random.Random(seed)
+    keep = 1.0 - cfg.local_test_fraction
+    parts, tests = [], []
+    for g in range(len(data.group_names or ())):
+        rows = np.flatnonzero(data.groups == g)
+        order = list(range(len(rows)))
+        shuffler.shuffle(order)
+        rows = rows[order]
+        train_len = int(keep * len(rows))
+        parts.append((rows[:train_len], rows[train_len:]))
+        tests.append(rows[train_len:])
+    return np.sort(np.concatenate(tests)), parts
+
+
 def _build(cfg: DataConfig, seed: int) -> Federation:
     data = load_dataset(cfg, seed=seed)
+    if cfg.synthetic_reference:
+        global_test, splits = _reference_split(data, cfg, seed)
+        cooperatives = [Cooperative(id=cid, name=data.group_names[cid], train=_split(data.x, data.y, train),
+                                    test=_split(data.x, data.y, test), num_classes=data.num_classes)
+                        for cid, (train, test) in enumerate(splits)]
+        return _federation(cooperatives, data, data.x, global_test, cfg, seed)
     streams = np.random.SeedSequence(seed).spawn(2)
     pool, global_test = _global_holdout(data, cfg, np.random.default_rng(streams[0]))
 
@@ -193,10 +219,14 @@ def _build(cfg: DataConfig, seed: int) -> Federation:
             log.warning("%d natural cooperatives train on fewer than data.min_examples = %d "
                         "examples (e.g. %s)", len(small), cfg.min_examples, small[0])
 
+    return _federation(cooperatives, data, x, global_test, cfg, seed)
+
+
+def _federation(cooperatives: list[Cooperative], data: LoadedData, x: np.ndarray, global_test: np.ndarray,
+                cfg: DataConfig, seed: int) -> Federation:
     actors = tuple(range(len(cooperatives)))
     if cfg.sybil_identities > 0 and cfg.sybil_mode != "none":
         cooperatives, actors = _add_sybils(cooperatives, cfg, x, data.y, np.random.default_rng([seed, 0x5B11]))
-
     return Federation(
         dataset=data.name, partition=cfg.partition, seed=seed, num_classes=data.num_classes,
         input_shape=data.image_shape or (data.num_features,), num_features=data.num_features,
@@ -258,8 +288,16 @@ def _build_cached(fields: tuple[Any, ...], stamp: tuple[int, int] | None, seed: 
 
 
 def build_federation(cfg: DataConfig, *, seed: int) -> Federation:
-    """The federation ``cfg`` describes, built once per (config, seed) in each process."""
-    return _build_cached(dataclasses.astuple(cfg), _file_stamp(cfg), seed)
+    """The federation ``cfg`` describes, built once per (config, seed) in each process.
+
+    ``seed`` is the run's; ``cfg.seed`` (the data seed), when set, replaces it here.
+    """
+    return _build_cached(dataclasses.astuple(cfg), _file_stamp(cfg), data_seed(cfg, seed))
+
+
+def data_seed(cfg: DataConfig, run_seed: int) -> int:
+    """The seed the federation is built from: ``data.seed``, or the run's when it is -1."""
+    return cfg.seed if cfg.seed >= 0 else run_seed
 
 
 def clear_cache() -> None:
