@@ -114,4 +114,17 @@ def test_fairness_reports_the_worst_tenth_beside_the_worst_member():
     spread = fairness(accuracies)
     assert spread["worst"] == 0.0 and spread["best"] == pytest.approx(0.925)
     assert spread["p10"] == pytest.approx(float(np.percentile(accuracies, 10))) and 0.0 < spread["p10"] < 0.5
-    assert fairness([]) == {"worst": None, "p10": None, "mean": None, "best": None, "std": None}
+    assert set(fairness([])) == set(spread) and all(v is None for v in fairness([]).values())
+
+
+def test_fairness_reports_qffls_worst_and_best_tenth_and_variance():
+    from fedgov.run_record import fairness
+
+    # q-FFL's plot_fairness.py by hand: 20 members -> int(20 * 0.1) = 2 at each end.
+    accuracies = [0.1, 0.3] + [0.6] * 16 + [0.9, 1.0]
+    spread = fairness(accuracies)
+    assert spread["worst10"] == pytest.approx(0.2) and spread["best10"] == pytest.approx(0.95)
+    mean = sum(accuracies) / 20
+    assert spread["variance_pct2"] == pytest.approx(sum((a - mean) ** 2 for a in accuracies) / 20 * 10_000)
+    # Fewer than ten members: the tenth is still one member.
+    assert fairness([0.2, 0.4, 0.9])["worst10"] == 0.2 and fairness([0.2, 0.4, 0.9])["best10"] == 0.9

@@ -172,7 +172,9 @@ def _train_model(model: torch.nn.Module, node: _Node, context: Context, round_co
         extra.update(privacy)
     else:
         loader = make_loader(x, y, batch_size=cfg.train.batch_size, shuffle=True, seed=seed)
-        result = train(model, loader, epochs=cfg.train.local_epochs, lr=cfg.train.lr,
+        epochs = _local_epochs(cfg.train.local_epochs, round_config, coop.id)
+        extra["local_epochs"] = epochs  # every reply carries it: Flower averages only metrics all replies share
+        result = train(model, loader, epochs=epochs, lr=cfg.train.lr,
                        momentum=cfg.train.momentum, device=node.device,
                        proximal_mu=float(round_config.get("proximal-mu", 0.0)))
     if attacking:
@@ -186,6 +188,14 @@ def _train_model(model: torch.nn.Module, node: _Node, context: Context, round_co
         "seconds_local_train": time.perf_counter() - started,
         **extra,
     }
+
+
+def _local_epochs(epochs: int, round_config: Mapping[str, Any], cooperative: int) -> int:
+    """``train.local_epochs``, or fewer when the server names this cooperative a straggler that keeps its work."""
+    stragglers = list(round_config.get("stragglers", []))
+    if cooperative in stragglers:
+        return int(list(round_config.get("straggler-epochs", []))[stragglers.index(cooperative)])
+    return epochs
 
 
 def _check_deadline(node: _Node) -> float | None:
@@ -223,7 +233,8 @@ def _poison_model(model: torch.nn.Module, received: list[np.ndarray], node: _Nod
         return
     state = model.state_dict()
     delta = [t.detach().cpu().numpy() - r for t, r in zip(state.values(), received)]
-    boost = cfg.attack.boost or cohort_size(cfg.strategy.fraction_train, node.federation.num_cooperatives) / max(
+    boost = cfg.attack.boost or cohort_size(cfg.strategy.fraction_train, node.federation.num_cooperatives,
+                                          cfg.strategy.clients_per_round) / max(
         1, len(node.attackers))
     rng = np.random.default_rng([cfg.seed, server_round, node.cooperative.id, 0x4015E])
     poisoned = poison_update(cfg.attack.kind, delta, boost=boost, noise_std=cfg.attack.noise_std, rng=rng)
@@ -263,6 +274,7 @@ def _handle_evaluate(message: Message, node: _Node) -> Message:
     started = time.perf_counter()
     result = evaluate(model, coop.test.x, coop.test.y, device=node.device)
     seconds = time.perf_counter() - started
+    on_train = evaluate(model, coop.train.x, coop.train.y, device=node.device)  # the papers' training loss
     metrics = MetricRecord({
         "num-examples": result.num_examples,
         UNIT_WEIGHT_KEY: 1,
@@ -270,6 +282,8 @@ def _handle_evaluate(message: Message, node: _Node) -> Message:
         "partition-id": coop.id,
         "eval_loss": result.loss,
         "eval_acc": result.accuracy,
+        "train_loss": on_train.loss,
+        "num-train": on_train.num_examples,
         "seconds_local_evaluate": seconds,
     })
     return Message(content=RecordDict({"metrics": metrics}), reply_to=message)

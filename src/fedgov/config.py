@@ -126,6 +126,12 @@ class StrategyConfig:
                       doc="aggregation strategy (Flower's implementations)")
     fraction_train: float = _spec(1.0, low=0.0, high=1.0, low_open=True,
                                   doc="share of cooperatives sampled each round")
+    clients_per_round: int = _spec(0, low=0, doc="exactly this many cooperatives sampled each round, as the "
+                                                 "FedProx and q-FFL papers do (0: fraction_train decides)")
+    sampling: str = _spec("uniform", choices=("uniform", "size"),
+                          doc="how the cohort is drawn, without replacement: uniformly (the FedProx code), or with "
+                              "probability proportional to training examples (q-FFL's sampling 2, FedProx's "
+                              "Algorithm 1: pair it with governance.weighting = 'equal' for their plain average)")
     proximal_mu: float = _spec(0.01, low=0.0, doc="FedProx proximal term")
     trim_beta: float = _spec(0.2, low=0.0, high=0.49, doc="trimmed mean: share cut at each end")
     num_malicious: int = _spec(0, low=0, doc="Krum/Bulyan: assumed number of attackers")
@@ -236,6 +242,13 @@ class HeterogeneityConfig:
                                 doc="simulated seconds of one local training step at speed 1")
     deadline: float = _spec(0.0, low=0.0, doc="round deadline in simulated seconds: slower cooperatives miss "
                                               "the round (0 = none)")
+    stragglers: float = _spec(0.0, low=0.0, high=1.0,
+                              doc="FedProx's systems heterogeneity (Li et al., MLSys 2020, section 5.2): this share of "
+                                  "each round's cohort are stragglers; round(m (1 - share)) members chosen at random "
+                                  "finish train.local_epochs, each straggler manages a uniform 1..local_epochs - 1")
+    straggler_work: str = _spec("drop", choices=("drop", "partial"),
+                                doc="what the server does with stragglers: drop them (FedAvg in the paper: the "
+                                    "round goes on without them) or keep their partial work (FedProx)")
 
 
 @dataclass
@@ -383,6 +396,9 @@ def _cross_check(cfg: Config, where: str) -> None:
                           f"of its own ('csv' with data.cooperative_column, or 'synthetic')")
     if data.partition == "natural" and data.dataset == "csv" and not data.cooperative_column:
         raise ConfigError(f"{where}: data.cooperative_column: required for data.partition = 'natural'")
+    if cfg.heterogeneity.stragglers > 0 and cfg.privacy.dp == "sample":
+        raise ConfigError(f"{where}: heterogeneity.stragglers: not with privacy.dp = 'sample' (DP-SGD's accountant "
+                          f"counts every member's full local epochs)")
     if data.synthetic_reference and (data.dataset != "synthetic" or data.partition != "natural"):
         raise ConfigError(f"{where}: data.synthetic_reference: needs data.dataset = 'synthetic' and "
                           f"data.partition = 'natural' (each reference device is one cooperative)")
@@ -477,13 +493,16 @@ def _check_participation(cfg: Config, where: str) -> None:
 def _check_secagg(cfg: Config, where: str) -> None:
     """What Flower's SecAggPlusWorkflow needs (it rejects or silently halts otherwise)."""
     secure = cfg.secure
+    if cfg.heterogeneity.stragglers > 0:
+        raise ConfigError(f"{where}: heterogeneity.stragglers: not with SecAgg+, whose rounds sample their own "
+                          f"cohort (set it to 0, or secure.aggregation = 'he')")
     if secure.secagg_num_shares < 3:
         raise ConfigError(f"{where}: secure.secagg_num_shares: Flower's SecAgg+ needs at least 3 shares")
     if not 2 <= secure.secagg_threshold < secure.secagg_num_shares:
         raise ConfigError(f"{where}: secure.secagg_threshold: must be at least 2 and below "
                           f"secure.secagg_num_shares ({secure.secagg_num_shares})")
     if cfg.data.partition != "natural":  # a natural partition's size is known only from the data
-        cohort = cohort_size(cfg.strategy.fraction_train, cfg.data.num_cooperatives)
+        cohort = cohort_size(cfg.strategy.fraction_train, cfg.data.num_cooperatives, cfg.strategy.clients_per_round)
         problem = secagg_cohort_problem(secure, cohort)
         if problem:
             raise ConfigError(f"{where}: {problem}")
@@ -497,8 +516,13 @@ def parse_tiers(text: str) -> list[float]:
     return speeds
 
 
-def cohort_size(fraction: float, population: int) -> int:
-    """How many cooperatives are sampled each round: the one rule every part of fedgov uses."""
+def cohort_size(fraction: float, population: int, count: int = 0) -> int:
+    """How many cooperatives are sampled each round: the one rule every part of fedgov uses.
+
+    ``count`` (strategy.clients_per_round), when set, wins over ``fraction``.
+    """
+    if count > 0:
+        return max(1, min(count, population))
     return max(1, round(fraction * population))
 
 

@@ -47,6 +47,8 @@ def floor_problem(cfg: Config) -> str | None:
     if cfg.governance.clip_update_norm > 0 or cfg.governance.similarity_defense:
         return ("the floor neither clips nor down-weights updates: set governance.clip_update_norm = 0 and "
                 "governance.similarity_defense = false")
+    if cfg.heterogeneity.stragglers > 0:
+        return "the floor's cooperatives finish their local epochs: set heterogeneity.stragglers = 0"
     if cfg.governance.weighting == "stake" or cfg.governance.registrar_catch > 0:
         return ("the floor weights every identity by its size: set governance.weighting to a size policy and "
                 "governance.registrar_catch = 0")

@@ -43,13 +43,18 @@ def fairness(accuracies: list[float]) -> dict[str, float | None]:
 
     ``p10`` is the accuracy the worst-off tenth of members reach (10th percentile, linear
     interpolation): among thousands of members some hold a handful of test examples, and
-    ``worst`` is then 0 in almost every run.
+    ``worst`` is then 0 in almost every run. ``worst10``, ``best10`` and ``variance_pct2`` are
+    q-FFL's (Li et al., ICLR 2020, ``plot_fairness.py``): the mean accuracy of the int(n / 10)
+    worst and best members (at least one), and the variance of accuracies in percent squared.
     """
     if not accuracies:
-        return {"worst": None, "p10": None, "mean": None, "best": None, "std": None}
-    a = np.asarray(accuracies, dtype=float)
+        return {"worst": None, "p10": None, "mean": None, "best": None, "std": None, "worst10": None,
+                "best10": None, "variance_pct2": None}
+    a = np.sort(np.asarray(accuracies, dtype=float))
+    tenth = max(1, int(len(a) * 0.1))
     return {"worst": float(a.min()), "p10": float(np.percentile(a, 10)), "mean": float(a.mean()),
-            "best": float(a.max()), "std": float(a.std())}
+            "best": float(a.max()), "std": float(a.std()), "worst10": float(a[:tenth].mean()),
+            "best10": float(a[len(a) - tenth:].mean()), "variance_pct2": float(np.var(a) * 10_000)}
 
 
 @dataclass
@@ -156,12 +161,18 @@ class RunRecord:
         contributors = sorted(c for c in log.participants if c not in rejected)
         weights = {str(c): w for c, w in sorted(log.weights.items())}
         coop_acc = {str(c): m["eval_acc"] for c, m in sorted(log.client_eval.items()) if "eval_acc" in m}
+        # FedProx's training loss: the global model's loss on every member's training data, weighted by its size.
+        train_losses = [(m["train_loss"], m["num-train"]) for m in log.client_eval.values()
+                        if "train_loss" in m and m.get("num-train", 0) > 0]
+        train_loss = (sum(loss * n for loss, n in train_losses) / sum(n for _, n in train_losses)
+                      if train_losses else None)
         local_seconds = [m.get("seconds_local_train", 0.0) for m in log.client_train.values()]
         evaluate_seconds = [m.get("seconds_local_evaluate", 0.0) for m in log.client_eval.values()]
         row = {
             "round": log.round,
             "accuracy": accuracy,
             "loss": loss,
+            "train_loss": train_loss,
             "seconds": time.perf_counter() - log.started,
             "bytes_up": log.bytes_up,
             "bytes_down": log.bytes_down,
@@ -284,6 +295,8 @@ class RunRecord:
             "final_accuracy": last.get("accuracy"),
             "final_loss": last.get("loss"),
             "accuracy_by_round": [r.get("accuracy") for r in self.rows],  # global test set, for learning curves
+            "final_train_loss": last.get("train_loss"),
+            "train_loss_by_round": [r.get("train_loss") for r in self.rows],  # None where members did not evaluate
             "rounds": len(self.rows),
             "wall_seconds": wall_seconds,
             "resumed_from_round": self.resumed_from,

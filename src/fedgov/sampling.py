@@ -5,7 +5,7 @@ Shared by the Flower run (``fedgov.strategies``, ``fedgov.crypto.secagg``) and t
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -22,13 +22,22 @@ class CohortSampler:
     to show up this round (``participation.model``); the server then samples
     ``strategy.fraction_train`` of those present. A round nobody shows up for is held with
     the member most likely to, so that every round has a cohort. ``last_present`` is who
-    showed up in the round sampled last.
+    showed up in the round sampled last. ``count`` fixes the cohort's size instead of
+    ``fraction``; ``size_weights`` draws it in proportion to size. ``stragglers`` picks who
+    of a cohort runs out of time (FedProx's systems heterogeneity).
     """
 
-    def __init__(self, *, seed: int, fraction: float, show_up: Mapping[int, float] | None = None) -> None:
+    def __init__(self, *, seed: int, fraction: float, show_up: Mapping[int, float] | None = None, count: int = 0,
+                 size_weights: Mapping[int, float] | None = None, stragglers: float = 0.0,
+                 local_epochs: int = 1, straggler_work: str = "drop") -> None:
         self.seed = seed
         self.fraction = fraction
+        self.count = count
         self.show_up = dict(show_up) if show_up is not None else None
+        self.size_weights = dict(size_weights) if size_weights is not None else None
+        self.straggler_share = stragglers
+        self.local_epochs = local_epochs
+        self.straggler_work = straggler_work
         self.last_present: list[int] | None = None
 
     def sample(self, server_round: int, cooperative_ids: Iterable[int]) -> list[int]:
@@ -38,11 +47,31 @@ class CohortSampler:
             present = [c for c, u in zip(ids, draws) if u < self.show_up.get(c, 1.0)]
             ids = present or [max(ids, key=lambda c: (self.show_up.get(c, 1.0), -c))]
             self.last_present = ids
-        size = cohort_size(self.fraction, len(ids))
+        size = cohort_size(self.fraction, len(ids), self.count)
         if size >= len(ids):
             return ids
         rng = np.random.default_rng([self.seed, server_round])
-        return sorted(int(i) for i in rng.choice(ids, size=size, replace=False))
+        p = None
+        if self.size_weights is not None:  # in proportion to size (q-FFL's sampling 2), without replacement
+            w = np.array([float(self.size_weights.get(c, 0.0)) for c in ids])
+            if np.count_nonzero(w) >= size:
+                p = w / w.sum()
+        return sorted(int(i) for i in rng.choice(ids, size=size, replace=False, p=p))
+
+    def stragglers(self, server_round: int, cohort: Sequence[int]) -> dict[int, int]:
+        """The round's stragglers and the local epochs each manages (FedProx, section 5.2).
+
+        round(m (1 - share)) of the cohort, chosen at random, finish their epochs; each of the
+        others runs a uniform 1..local_epochs - 1 (as the reference's randint(1, E)). Seeded by
+        round, so every method at one seed meets the same stragglers.
+        """
+        if self.straggler_share <= 0 or not cohort:
+            return {}
+        rng = np.random.default_rng([self.seed, server_round, 0x57A6])
+        finishing = set(int(c) for c in rng.choice(list(cohort), size=round(len(cohort) * (1 - self.straggler_share)),
+                                                    replace=False))
+        late = [int(c) for c in cohort if int(c) not in finishing]
+        return {c: int(rng.integers(1, max(self.local_epochs, 2))) for c in late}
 
 
 def show_up_probabilities(participation: ParticipationConfig, sizes: Mapping[int, float]) -> dict[int, float] | None:
@@ -72,9 +101,13 @@ def show_up_probabilities(participation: ParticipationConfig, sizes: Mapping[int
 
 
 def cohort_sampler(cfg: Config, sizes: Mapping[int, float]) -> CohortSampler:
-    """The run's sampler: ``strategy.fraction_train`` of the members ``participation`` brings to a round."""
+    """The run's sampler: ``strategy.fraction_train`` (or ``clients_per_round``) of the members ``participation``
+    brings to a round, uniformly or by size (``strategy.sampling``), and the round's stragglers."""
     return CohortSampler(seed=cfg.seed, fraction=cfg.strategy.fraction_train,
-                         show_up=show_up_probabilities(cfg.participation, sizes))
+                         show_up=show_up_probabilities(cfg.participation, sizes), count=cfg.strategy.clients_per_round,
+                         size_weights=sizes if cfg.strategy.sampling == "size" else None,
+                         stragglers=cfg.heterogeneity.stragglers, local_epochs=cfg.train.local_epochs,
+                         straggler_work=cfg.heterogeneity.straggler_work)
 
 
 AUTO_EVALUATE_UP_TO = 100  # cooperatives: train.evaluate_every = 0 evaluates every round up to here

@@ -467,7 +467,7 @@ def run_secagg_rounds(grid: Grid, cfg: Config, *, initial_arrays: ArrayRecord, n
     num_rounds = cfg.train.rounds - round_offset
     if num_rounds <= 0:
         return initial_arrays
-    cohort = cohort_size(sampler.fraction, len(node_to_cooperative))
+    cohort = cohort_size(sampler.fraction, len(node_to_cooperative), sampler.count)
     # The config checks this already, except for natural partitions, whose size only the data knows.
     problem = secagg_cohort_problem(s, cohort)
     if problem:

@@ -41,6 +41,8 @@ SUMMARY_METRICS = (
     "final_accuracy", "final_loss", "rounds", "wall_seconds", "bytes_up", "bytes_down",
     "seconds_per_round", "bytes_per_round",
     "fairness.worst", "fairness.p10", "fairness.mean", "fairness.best", "fairness.std", "model.num_parameters",
+    # q-FFL's fairness figures (worst and best 10% mean accuracy, variance in %^2) and FedProx's training loss
+    "fairness.worst10", "fairness.best10", "fairness.variance_pct2", "final_train_loss",
     "influence.nakamoto", "influence.gini", "influence.hhi", "influence.max_weight",
     # over the whole run, every member counted (influence.run), and per actor behind identities
     "influence.run.nakamoto", "influence.run.gini", "influence.run.max_weight",

@@ -47,7 +47,7 @@ STRATEGIES: dict[str, Callable[[Config], flwr_strategy.Strategy]] = {
 
 def cohort_size(cfg: Config) -> int:
     """How many cooperatives train each round (the CohortSampler's rule)."""
-    return cohort_of(cfg.strategy.fraction_train, cfg.data.num_cooperatives)
+    return cohort_of(cfg.strategy.fraction_train, cfg.data.num_cooperatives, cfg.strategy.clients_per_round)
 
 
 def build_strategy(cfg: Config) -> flwr_strategy.Strategy:

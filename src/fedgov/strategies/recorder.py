@@ -113,6 +113,12 @@ class RoundRecorder(Strategy):
         started = time.perf_counter()
         server_round += self.round_offset
         sampled = self.sampler.sample(server_round, self.cooperative_to_node)
+        stragglers = self.sampler.stragglers(server_round, sampled)
+        if stragglers and self.sampler.straggler_work == "drop":  # FedAvg in FedProx's experiments: the round goes on without them
+            sampled = [c for c in sampled if c not in stragglers]
+        elif stragglers:  # FedProx keeps their partial work: each is told how many epochs it manages
+            config = ConfigRecord({**dict(config), "stragglers": list(stragglers),
+                                   "straggler-epochs": list(stragglers.values())})
         nodes = [self.cooperative_to_node[c] for c in sampled]
         messages = list(self.inner.configure_train(server_round, arrays, config,
                                                    _NodeSubsetGrid(grid, nodes)))
@@ -122,6 +128,8 @@ class RoundRecorder(Strategy):
                                 bytes_down=sum(_payload_bytes(m) for m in messages))
         if self.sampler.last_present is not None:  # participation: who showed up, before the server sampled
             self.current.extra["present"] = list(self.sampler.last_present)
+        if stragglers:
+            self.current.extra["stragglers"] = {str(c): e for c, e in stragglers.items()}
         self._phase_start = time.perf_counter()
         return messages
 
