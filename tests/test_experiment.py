@@ -672,6 +672,16 @@ def test_skip_leaves_out_the_points_it_matches_and_a_frontier_draws_notes_and_ro
     assert len(read_csv(out / "results.csv")) == 4
     assert (out / "figure.png").is_file() and (out / "figure_rounds.png").is_file()
     assert exp.plot["rounds_only"] == [{"train.lr": [0.05, 0.2]}]
+    assert exp.plot["rounds_facet"] == ["data.alpha"]  # the frontier's facet unless told otherwise
+
+
+def test_rounds_facet_takes_grid_keys_only(tmp_path):
+    grid = load_experiment(write_experiment(tmp_path, FRONTIER.replace(
+        'rounds_only =', 'rounds_facet = ["data.alpha", "train.lr"]\nrounds_only =')))
+    assert grid.plot["rounds_facet"] == ["data.alpha", "train.lr"]
+    with pytest.raises(ExperimentError, match="plot.rounds_facet: expected grid keys"):
+        load_experiment(write_experiment(tmp_path, FRONTIER.replace('rounds_only =', 'rounds_facet = ["data.beta"]\n'
+                                                                                     'rounds_only =')))
 
 
 @pytest.mark.parametrize("skip, fragment", [

@@ -131,3 +131,35 @@ def test_plot_frontier_one_point_per_policy_per_facet(tmp_path):
     with pytest.raises(ExperimentError, match="plot.x"):
         _plot_spec({**raw, "x": "governance.weighting"}, where="plot", grid=grid, base=base, metrics=metrics,
                    title="t")
+
+
+def test_rounds_with_two_facets_and_one_metric_draw_a_grid(tmp_path, monkeypatch):
+    import fedgov.plots as plots
+
+    header = ["point", "variant", "stragglers", "mu", "metric", "round", "n", "mean", "ci95_low", "ci95_high", "min",
+              "max"]
+    rows = [",".join(header)]
+    for variant in ("iid", "1-1"):
+        for stragglers in ("0.0", "0.5", "0.9"):
+            for mu in ("0.0", "1.0"):
+                for r in (1, 2, 3):
+                    loss = 2.0 / r + float(mu)
+                    rows.append(",".join([f"{variant}-{stragglers}-{mu}", variant, stragglers, mu, "train_loss_by_round",
+                                          str(r), "3", str(loss), str(loss), str(loss), str(loss - 0.1),
+                                          str(loss + 0.1)]))
+    csv = tmp_path / "rounds.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    drawn = {}
+
+    def keep(fig, out_png, *, dpi):
+        drawn["fig"] = fig
+        return Path(out_png)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    plots.plot_rounds(csv, {"rounds": ["train_loss_by_round"], "facet": ["variant", "stragglers"]},
+                      tmp_path / "f.png")
+    axes = drawn["fig"].axes
+    assert len(axes) == 6  # 2 datasets x 3 straggler rates
+    assert [ax.get_title() for ax in axes] == [f"variant = {v} / stragglers = {s}" for v in ("iid", "1-1")
+                                              for s in ("0.0", "0.5", "0.9")]
+    assert all(len(ax.get_lines()) == 2 for ax in axes)  # one line per mu in every cell

@@ -264,7 +264,9 @@ def plot_rounds(rounds_csv: str | Path, plot_spec: Mapping[str, Any], out_png: s
     Lines are means over seeds; the band is the range (min to max) over seeds, which stays
     readable with two or three seeds where a Student t interval would fill the panel.
     Line styles differ as well as colours, so identical curves (FedAvg with and without HE,
-    say) stay visible on top of each other.
+    say) stay visible on top of each other. With one metric and two ``facet`` keys the panels
+    form a grid, a row per value of the first key and a column per value of the second (as a
+    paper's figure of datasets by straggler rates).
     """
     rows = _read_csv(rounds_csv)
     only = plot_spec.get("rounds_only") or []  # [{axis: [values]}]: draw the points matching an entry
@@ -273,7 +275,8 @@ def plot_rounds(rounds_csv: str | Path, plot_spec: Mapping[str, Any], out_png: s
                                        for entry in only)]
     labels: Mapping[str, str] = plot_spec.get("labels") or {}
     metrics = list(plot_spec.get("rounds") or [])
-    facets = list(plot_spec.get("facet") or [])  # a frontier's facets: one column each
+    # a frontier's facets (one column each), or the learning curves' own (rounds_facet)
+    facets = list(plot_spec.get("rounds_facet") or plot_spec.get("facet") or [])
     fields = list(rows[0]) if rows else []
     axes_keys = fields[1:fields.index("metric")] if "metric" in fields else []
     shown = [k for k in axes_keys if k not in facets and len({r[k] for r in rows}) > 1] or axes_keys[:1]
@@ -281,34 +284,44 @@ def plot_rounds(rounds_csv: str | Path, plot_spec: Mapping[str, Any], out_png: s
     facet_of = lambda r: " / ".join(f"{_pretty(k, labels)} = {r[k]}" for k in facets)  # noqa: E731
     panels = list(dict.fromkeys(facet_of(r) for r in rows)) or [""]
     styles = ["-", "--", ":", "-."]
-    fig, axes = plt.subplots(len(metrics), len(panels), sharex="col", sharey="row", squeeze=False,
-                             figsize=(1.5 + 7.0 * len(panels) if len(panels) == 1 else 1.5 + 4.6 * len(panels),
-                                      1.4 + 3.4 * len(metrics)))
-    for row_i, metric in enumerate(metrics):
-        for col, panel in enumerate(panels):
-            ax = axes[row_i][col]
-            points = list(dict.fromkeys(r["point"] for r in rows if r["metric"] == metric and facet_of(r) == panel))
-            for index, point in enumerate(points):
-                mine = sorted((r for r in rows if r["metric"] == metric and r["point"] == point and r["n"] != "0"),
-                              key=lambda r: _float(r["round"]))
-                if not mine:
-                    continue
-                xs = [_float(r["round"]) for r in mine]
-                name = ", ".join(mine[0][k] for k in shown)  # the axis values that tell the lines apart
-                style = line_names.index(name)
-                color = _COLORS[style % len(_COLORS)]
-                ax.plot(xs, [_float(r["mean"]) for r in mine], color=color, linewidth=2.0,
-                        linestyle=styles[style % len(styles)], label=name)
-                if any(_float(r["n"]) > 1 for r in mine):
-                    ax.fill_between(xs, [_float(r["min"]) for r in mine], [_float(r["max"]) for r in mine],
-                                    color=color, alpha=0.10, linewidth=0)
-            if row_i == 0 and panel:
-                ax.set_title(panel, fontsize="small")
-            if col == 0:
-                ax.set_ylabel(_pretty(metric, labels))
-            _style(ax)
-            if row_i == 0 and col == 0 and len(panels) == 1:
-                ax.legend(frameon=False, fontsize="small", loc="best", ncol=2)
+    grid = len(metrics) == 1 and len(facets) == 2
+    if grid:  # rows by the first facet key, columns by the second
+        row_values = list(dict.fromkeys(r[facets[0]] for r in rows))
+        col_values = list(dict.fromkeys(r[facets[1]] for r in rows))
+        cells = [(metrics[0], f"{_pretty(facets[0], labels)} = {a} / {_pretty(facets[1], labels)} = {b}")
+                 for a in row_values for b in col_values]
+        shape = (len(row_values), len(col_values))
+    else:
+        cells = [(metric, panel) for metric in metrics for panel in panels]
+        shape = (len(metrics), len(panels))
+    fig, axes = plt.subplots(*shape, sharex="col", sharey="row", squeeze=False,
+                             figsize=(1.5 + 7.0 * shape[1] if shape[1] == 1 else 1.5 + 4.6 * shape[1],
+                                      1.4 + 3.4 * shape[0]))
+    for index_cell, (metric, panel) in enumerate(cells):
+        row_i, col = divmod(index_cell, shape[1])
+        ax = axes[row_i][col]
+        points = list(dict.fromkeys(r["point"] for r in rows if r["metric"] == metric and facet_of(r) == panel))
+        for index, point in enumerate(points):
+            mine = sorted((r for r in rows if r["metric"] == metric and r["point"] == point and r["n"] != "0"),
+                          key=lambda r: _float(r["round"]))
+            if not mine:
+                continue
+            xs = [_float(r["round"]) for r in mine]
+            name = ", ".join(mine[0][k] for k in shown)  # the axis values that tell the lines apart
+            style = line_names.index(name)
+            color = _COLORS[style % len(_COLORS)]
+            ax.plot(xs, [_float(r["mean"]) for r in mine], color=color, linewidth=2.0,
+                    linestyle=styles[style % len(styles)], label=name)
+            if any(_float(r["n"]) > 1 for r in mine):
+                ax.fill_between(xs, [_float(r["min"]) for r in mine], [_float(r["max"]) for r in mine],
+                                color=color, alpha=0.10, linewidth=0)
+        if (row_i == 0 or grid) and panel:  # a grid titles every cell
+            ax.set_title(panel, fontsize="small")
+        if col == 0:
+            ax.set_ylabel(_pretty(metric, labels))
+        _style(ax)
+        if row_i == 0 and col == 0 and len(panels) == 1:
+            ax.legend(frameon=False, fontsize="small", loc="best", ncol=2)
     for ax in axes[-1]:
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -43,7 +43,9 @@ A ``kind = "frontier"`` plot draws metric against metric, one point per grid poi
 leaving out values the base config already has; ``series`` colours it; ``facet`` splits
 the panels; ``note`` adds a metric to each label in brackets; ``xscale = "log"``;
 ``rounds`` as above, and ``rounds_only`` (entries as in ``skip``) draws only the points
-matching an entry there. See ``experiments/dao.toml``.
+matching an entry there; ``rounds_facet`` (grid keys, default ``facet``) splits the learning
+curves' panels, two keys with one metric making a grid of them. See ``experiments/dao.toml``
+and ``experiments/fedprox_synthetic.toml``.
 
 Every (grid point, seed) runs ``python -m fedgov.simulate`` in its own process, so
 each run gets fresh workers. Results go to ``<folder of FILE>/results/<name>/``:

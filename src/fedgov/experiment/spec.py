@@ -123,7 +123,7 @@ _EXPERIMENT_KEYS = ("name", "description", "base", "seeds", "metrics", "override
 _PLOT_KEYS = ("x", "series", "y", "xscale", "ylog", "title", "labels", "rounds")
 # kind = "frontier": one point per grid point, metric against metric (fedgov.plots.plot_frontier).
 _FRONTIER_KEYS = ("kind", "x", "y", "point", "series", "facet", "title", "labels", "note", "rounds", "xscale",
-                  "rounds_only")
+                  "rounds_only", "rounds_facet")
 
 
 def _flat_table(value: Any, where: str, *, leaves: type | tuple[type, ...] | None = None) -> dict[str, Any]:
@@ -252,10 +252,16 @@ def _frontier_spec(raw: Mapping[str, Any], *, where: str, grid: Mapping[str, lis
         raise ExperimentError(f"{where}.xscale: {xscale!r} is not one of linear, log")
     # The learning curves of a few cells: entries as in experiment.skip, a point drawn if it matches one.
     rounds_only = _skip(raw.get("rounds_only", []), f"{where}.rounds_only", grid, base)
+    # The learning curves' panels: a list of grid keys (two and one metric: a grid of panels); default facet.
+    rounds_facet = raw.get("rounds_facet", list(facet))
+    if isinstance(rounds_facet, str):
+        rounds_facet = [rounds_facet]
+    if not isinstance(rounds_facet, list) or any(k not in grid for k in rounds_facet):
+        raise ExperimentError(f"{where}.rounds_facet: expected grid keys ({', '.join(grid)})")
     flat = base.to_flat()
     return {"kind": "frontier", "x": x, "y": list(y), "point": list(points), "series": series, "facet": list(facet),
             "title": _str(raw.get("title", title), f"{where}.title"), "labels": labels, "note": note,
-            "rounds": list(rounds), "xscale": xscale, "rounds_only": rounds_only,
+            "rounds": list(rounds), "xscale": xscale, "rounds_only": rounds_only, "rounds_facet": list(rounds_facet),
             # a label leaves out a value the base config already has (as the CSV writes it)
             "point_defaults": {k: str(flat[k]) for k in points[1:] if k in flat}}
 
