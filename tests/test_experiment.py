@@ -696,3 +696,27 @@ def test_a_bad_skip_names_its_entry(tmp_path, skip, fragment):
     with pytest.raises(ExperimentError) as info:
         load_experiment(write_experiment(tmp_path, body))
     assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_frontier_series_may_combine_keys_and_a_redraw_may_take_a_new_layout(tmp_path, monkeypatch):
+    from fedgov import plots
+
+    exp = load_experiment(write_experiment(tmp_path, FRONTIER))
+    out = tmp_path / "out"
+    run_experiment(exp, out=out, runner=FakeSimulate())
+    relaid = tmp_path / "relaid"
+    relaid.mkdir()
+    layout = write_experiment(relaid, FRONTIER.replace('facet = "data.alpha"', 'series = ["data.alpha", "train.lr"]'))
+    assert load_experiment(layout).plot["series"] == ["data.alpha", "train.lr"]
+    drawn = {}
+
+    def keep(fig, out_png, *, dpi):
+        drawn.setdefault("figs", []).append(fig)
+        return Path(out_png)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    assert plots.main(["experiment", str(out), "--spec", str(layout)]) == 0
+    frontier = drawn["figs"][0]
+    names = {text.get_text() for ax in frontier.axes if ax.get_legend() for text in ax.get_legend().get_texts()}
+    # one colour per (alpha, lr) combination, named by both keys
+    assert len(names) == 6 and all(name.count(",") == 2 for name in names)

@@ -190,17 +190,20 @@ def plot_experiment(results_csv: str | Path, plot_spec: Mapping[str, Any], out_p
 def plot_frontier(results_csv: str | Path, plot_spec: Mapping[str, Any], out_png: str | Path, *,
                   dpi: int = DPI) -> Path:
     """One point per grid point, metric ``x`` against each metric in ``y`` (one row of panels each),
-    labelled by ``point``, coloured by ``series``, one column per ``facet`` combination; 95% CI
-    error bars in both directions."""
+    labelled by ``point``, coloured by ``series`` (a key, or a list whose value combinations each
+    get a colour), one column per ``facet`` combination; 95% CI error bars in both directions."""
     rows = _read_csv(results_csv)
     labels: Mapping[str, str] = plot_spec.get("labels") or {}
     x, ys, series = plot_spec["x"], list(plot_spec["y"]), plot_spec.get("series")
+    series_keys = [series] if isinstance(series, str) else list(series or [])
+    series_of = lambda r: ", ".join(r[k] for k in series_keys)  # noqa: E731
+    series_title = ", ".join(_pretty(k, labels) for k in series_keys)
     point = plot_spec["point"]
     point_keys = [point] if isinstance(point, str) else list(point)  # one label from one or more grid keys
     facets = list(plot_spec.get("facet") or [])
     facet_of = lambda r: " / ".join(f"{_pretty(k, labels)} = {r[k]}" for k in facets)  # noqa: E731
     panels = list(dict.fromkeys(facet_of(r) for r in rows)) or [""]
-    names = list(dict.fromkeys(r[series] for r in rows)) if series else [""]
+    names = list(dict.fromkeys(series_of(r) for r in rows)) if series_keys else [""]
     fig, axes = plt.subplots(len(ys), len(panels), squeeze=False, sharex="col", sharey="row",
                              figsize=(1.5 + 3.6 * len(panels), 0.8 + 3.0 * len(ys)))
 
@@ -222,7 +225,7 @@ def plot_frontier(results_csv: str | Path, plot_spec: Mapping[str, Any], out_png
         for col, panel in enumerate(panels):
             ax = axes[row_i][col]
             for index, name in enumerate(names):
-                members = [r for r in rows if facet_of(r) == panel and (not series or r[series] == name)]
+                members = [r for r in rows if facet_of(r) == panel and (not series_keys or series_of(r) == name)]
                 pts = [(interval(r, x), interval(r, metric), label_of(r)) for r in members]
                 pts = [p for p in pts if not (math.isnan(p[0][0]) or math.isnan(p[1][0]))]
                 if not pts:
@@ -232,7 +235,7 @@ def plot_frontier(results_csv: str | Path, plot_spec: Mapping[str, Any], out_png
                             xerr=[[p[0][1] for p in pts], [p[0][2] for p in pts]],
                             yerr=[[p[1][1] for p in pts], [p[1][2] for p in pts]], fmt="o", color=color,
                             markersize=5, elinewidth=1.2, capsize=3,
-                            label=f"{_pretty(series, labels)} = {name}" if series else None)
+                            label=f"{series_title} = {name}" if series_keys else None)
                 for (px, py, text) in pts:
                     ax.annotate(text, (px[0], py[0]), textcoords="offset points", xytext=(5, 3),
                                 fontsize="x-small", color=color)
@@ -245,7 +248,7 @@ def plot_frontier(results_csv: str | Path, plot_spec: Mapping[str, Any], out_png
             if plot_spec.get("xscale") == "log":  # e.g. Nakamoto coefficients from 1 to thousands
                 ax.set_xscale("log")
             _style(ax)
-    if series and axes[0][0].get_legend_handles_labels()[0]:
+    if series_keys and axes[0][0].get_legend_handles_labels()[0]:
         axes[0][0].legend(frameon=False, fontsize="x-small", loc="best")
     title = plot_spec.get("title") or Path(results_csv).parent.name
     if len(point_keys) > 1:
@@ -402,6 +405,9 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("results_dir", type=Path, metavar="RESULTS_DIR",
                      help="an experiment's results folder (holds results.csv and experiment.json)")
     exp.add_argument("-o", "--out", type=Path, default=None, help="PNG file (default: RESULTS_DIR/figure.png)")
+    exp.add_argument("--spec", type=Path, default=None, metavar="EXPERIMENT_TOML",
+                     help="draw with this experiment file's [experiment.plot] (a layout changed after the runs) "
+                          "instead of the one experiment.json recorded; the numbers still come from RESULTS_DIR")
     return p
 
 
@@ -418,6 +424,10 @@ def main(argv: list[str] | None = None) -> int:
                     raise ValueError(f"{args.results_dir}: not an experiment folder (no {name})")
             meta = read_json(args.results_dir / "experiment.json")
             spec = meta["plot"]
+            if args.spec is not None:
+                from .experiment.spec import load_experiment
+
+                spec = load_experiment(args.spec).plot
             runs = args.results_dir / "runs.csv"
             if spec.get("kind") == "frontier":
                 if "point_defaults" not in spec:  # an experiment.json from before labels left them out

@@ -228,11 +228,14 @@ def _frontier_spec(raw: Mapping[str, Any], *, where: str, grid: Mapping[str, lis
     points = [point] if isinstance(point, str) else point
     if not isinstance(points, list) or not points or not all(isinstance(k, str) and k for k in points):
         raise ExperimentError(f"{where}.point: expected a grid key or a list of grid keys")
-    series = raw.get("series")
+    series = raw.get("series")  # a grid key, or a list of them: one colour per combination of their values
+    series_keys = [series] if isinstance(series, str) else list(series or [])
+    if not all(isinstance(k, str) and k for k in series_keys):
+        raise ExperimentError(f"{where}.series: expected a grid key or a list of grid keys")
     facet = raw.get("facet", [])
     if isinstance(facet, str):
         facet = [facet]
-    named = list(points) + ([series] if series else []) + list(facet)
+    named = list(points) + series_keys + list(facet)
     for key in named:
         if key not in grid:
             raise ExperimentError(f"{where}: {key!r} is not a grid key ({', '.join(grid)})")
