@@ -57,6 +57,8 @@ def train(model: nn.Module, loader: DataLoader, *, epochs: int, lr: float, momen
     """
     if (optimizer is None and criterion is None and device.type == "cpu" and isinstance(model, LogisticRegression)
             and isinstance(loader.dataset, TensorDataset)):
+        model.to(device)
+        model.train()
         return _train_softmax_regression(model, loader, epochs=epochs, lr=lr, momentum=momentum,
                                          proximal_mu=proximal_mu)
     model.to(device)
