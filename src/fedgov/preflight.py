@@ -59,7 +59,8 @@ def _check_against_size(cfg: Config, count: int) -> None:
         except AttackError as exc:
             raise PreflightError(str(exc)) from None
     if cfg.secure.aggregation == "secagg+":
-        problem = secagg_cohort_problem(cfg.secure, cohort_size(cfg.strategy.fraction_train, count, cfg.strategy.clients_per_round))
+        cohort = cohort_size(cfg.strategy.fraction_train, count, cfg.strategy.clients_per_round)
+        problem = secagg_cohort_problem(cfg.secure, cohort)
         if problem:
             raise PreflightError(problem)
 

@@ -155,7 +155,8 @@ def _split(x: np.ndarray, y: np.ndarray, rows: np.ndarray) -> Split:
 
 # ---- building -------------------------------------------------------------------------
 
-def _reference_split(data: LoadedData, cfg: DataConfig, seed: int) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+def _reference_split(data: LoadedData, cfg: DataConfig,
+                     seed: int) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
     """The reference scripts' split: each device's rows shuffled by Python's ``random`` (seeded
     with the data seed, device by device), the first int((1 - local_test_fraction) n) to train.
     Returns the global test rows (the union of the devices' test rows) and each device's

@@ -114,7 +114,8 @@ class RoundRecorder(Strategy):
         server_round += self.round_offset
         sampled = self.sampler.sample(server_round, self.cooperative_to_node)
         stragglers = self.sampler.stragglers(server_round, sampled)
-        if stragglers and self.sampler.straggler_work == "drop":  # FedAvg in FedProx's experiments: the round goes on without them
+        # FedAvg in FedProx's experiments drops stragglers: the round goes on without them
+        if stragglers and self.sampler.straggler_work == "drop":
             sampled = [c for c in sampled if c not in stragglers]
         elif stragglers:  # FedProx keeps their partial work: each is told how many epochs it manages
             config = ConfigRecord({**dict(config), "stragglers": list(stragglers),
