@@ -94,3 +94,17 @@ def test_a_run_drops_stragglers_or_keeps_their_partial_work(tmp_path, work):
     assert summary["train_loss_by_round"] == [r["train_loss"] for r in rows]
     assert summary["final_train_loss"] == rows[-1]["train_loss"]
     assert summary["fairness"]["worst10"] <= summary["fairness"]["mean"] <= summary["fairness"]["best10"]
+
+
+def test_every_round_keeps_one_member_who_finishes(tmp_path):
+    from conftest import run_dir_of, run_simulate
+
+    all_late = CohortSampler(seed=2, fraction=1.0, count=10, stragglers=1.0, local_epochs=20)
+    for r in range(1, 50):
+        cohort = all_late.sample(r, range(30))
+        assert len(cohort) - len(all_late.stragglers(r, cohort)) == 1
+    # Dropping every straggler still leaves a round someone to aggregate: the run finishes.
+    run = run_dir_of(run_simulate(*PAPER, "--set", "heterogeneity.stragglers=1.0", "--set", "train.rounds=2",
+                                  "--set", f"runtime.out={tmp_path}", timeout=240))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [len(r["contributors"]) for r in rows] == [1, 1]

@@ -63,13 +63,15 @@ class CohortSampler:
 
         round(m (1 - share)) of the cohort, chosen at random, finish their epochs; each of the
         others runs a uniform 1..local_epochs - 1 (as the reference's randint(1, E)). Seeded by
-        round, so every method at one seed meets the same stragglers.
+        round, so every method at one seed meets the same stragglers. At least one member
+        finishes: where the reference would drop the whole cohort (and fail), a round still
+        has someone to aggregate.
         """
         if self.straggler_share <= 0 or not cohort:
             return {}
         rng = np.random.default_rng([self.seed, server_round, 0x57A6])
-        finishing = set(int(c) for c in rng.choice(list(cohort), size=round(len(cohort) * (1 - self.straggler_share)),
-                                                    replace=False))
+        finishers = max(1, round(len(cohort) * (1 - self.straggler_share)))
+        finishing = set(int(c) for c in rng.choice(list(cohort), size=finishers, replace=False))
         late = [int(c) for c in cohort if int(c) not in finishing]
         return {c: int(rng.integers(1, max(self.local_epochs, 2))) for c in late}
 
