@@ -63,9 +63,17 @@ def tail(path: Path, lines: int = 60) -> str:
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via an HTTP proxy
 
 
-def _http_ok(url: str) -> bool:
+def _http_ok(url: str, cafile: Path | None = None) -> bool:
+    """Whether ``url`` answers 2xx; an https URL is checked against ``cafile`` (the federation's CA)."""
+    opener = _DIRECT
+    if cafile is not None:
+        import ssl
+
+        context = ssl.create_default_context(cafile=str(cafile))
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
+                                             urllib.request.HTTPSHandler(context=context))
     try:
-        with _DIRECT.open(url, timeout=1.0) as response:  # noqa: S310 (local URL)
+        with opener.open(url, timeout=1.0) as response:  # noqa: S310 (local URL)
             return 200 <= response.status < 300
     except (urllib.error.URLError, OSError):
         return False
@@ -189,20 +197,23 @@ class FlowerProcesses:
         return started
 
     def start_http_service(self, name: str, argv_for_port, *, health_path: str = "/health",
-                           timeout: float = 60.0, attempts: int = 3) -> tuple[Started, int]:
-        """Start a server on a free port, retrying on a new port if it dies (port taken)."""
+                           timeout: float = 60.0, attempts: int = 3,
+                           tls_ca: Path | None = None) -> tuple[Started, int]:
+        """Start a server on a free port, retrying on a new port if it dies (port taken).
+
+        With ``tls_ca`` the server speaks https, and its health is checked against that CA."""
         last: Started | None = None
         for _ in range(attempts):
             if last is not None:
-                self.started.remove(last)
-                self.retired.append(last)
+                self.retire(last)
             port = free_ports(1)[0]
             last = self.start(name, argv_for_port(port))
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
                 if last.process.poll() is not None:
                     break
-                if _http_ok(f"http://127.0.0.1:{port}{health_path}"):
+                scheme = "https" if tls_ca is not None else "http"
+                if _http_ok(f"{scheme}://127.0.0.1:{port}{health_path}", cafile=tls_ca):
                     return last, port
                 time.sleep(0.25)
             else:
@@ -214,6 +225,11 @@ class FlowerProcesses:
 
     def exited(self) -> list[Started]:
         return [s for s in self.started if s.process.poll() is not None]
+
+    def retire(self, started: Started) -> None:
+        """A process meant to exit (a refused SuperNode): no longer a crash for ``exited``, still stopped."""
+        self.started.remove(started)
+        self.retired.append(started)
 
     def leftovers(self) -> set[int]:
         return {pid for pid in _tagged(self.tag) if _alive(pid)}
@@ -292,14 +308,18 @@ def flower_environment(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def write_connection(flwr_home: Path, name: str, superlink_port: int) -> None:
-    """The `flwr` CLI finds SuperLinks by name in $FLWR_HOME/config.toml (Flower >= 1.42)."""
+def write_connection(flwr_home: Path, name: str, superlink_port: int, *,
+                     root_certificates: Path | None = None) -> None:
+    """The `flwr` CLI finds SuperLinks by name in $FLWR_HOME/config.toml (Flower >= 1.42);
+    with ``root_certificates`` it connects over TLS, trusting that CA, else in clear text."""
+    security = (f'root-certificates = "{root_certificates}"\n' if root_certificates is not None
+                else "insecure = true\n")
     (flwr_home / "config.toml").write_text(
         "[superlink]\n"
         f'default = "{name}"\n\n'
         f"[superlink.{name}]\n"
         f'address = "127.0.0.1:{superlink_port}"\n'
-        "insecure = true\n"
+        + security
     )
 
 
