@@ -226,15 +226,13 @@ def _attacking(node: _Node, server_round: int) -> bool:
 def _poison_model(model: torch.nn.Module, received: list[np.ndarray], node: _Node, server_round: int) -> None:
     """Replace the trained model by received + poisoned update (model replacement, noise)."""
     from .attacks import poison_update
-    from .config import cohort_size
 
     cfg = node.config
     if cfg.attack.kind not in ("model_replacement", "noise"):
         return
     state = model.state_dict()
     delta = [t.detach().cpu().numpy() - r for t, r in zip(state.values(), received)]
-    boost = cfg.attack.boost or cohort_size(cfg.strategy.fraction_train, node.federation.num_cooperatives,
-                                          cfg.strategy.clients_per_round) / max(
+    boost = cfg.attack.boost or cfg.strategy.cohort_size(node.federation.num_cooperatives) / max(
         1, len(node.attackers))
     rng = np.random.default_rng([cfg.seed, server_round, node.cooperative.id, 0x4015E])
     poisoned = poison_update(cfg.attack.kind, delta, boost=boost, noise_std=cfg.attack.noise_std, rng=rng)

@@ -137,6 +137,10 @@ class StrategyConfig:
     num_malicious: int = _spec(0, low=0, doc="Krum/Bulyan: assumed number of attackers")
     qfedavg_q: float = _spec(0.2, low=0.0, doc="q-FedAvg fairness parameter")
 
+    def cohort_size(self, population: int) -> int:
+        """How many of ``population`` cooperatives this strategy samples a round (see :func:`cohort_size`)."""
+        return cohort_size(self.fraction_train, population, self.clients_per_round)
+
 
 @dataclass
 class PrivacyConfig:
@@ -502,7 +506,7 @@ def _check_secagg(cfg: Config, where: str) -> None:
         raise ConfigError(f"{where}: secure.secagg_threshold: must be at least 2 and below "
                           f"secure.secagg_num_shares ({secure.secagg_num_shares})")
     if cfg.data.partition != "natural":  # a natural partition's size is known only from the data
-        cohort = cohort_size(cfg.strategy.fraction_train, cfg.data.num_cooperatives, cfg.strategy.clients_per_round)
+        cohort = cfg.strategy.cohort_size(cfg.data.num_cooperatives)
         problem = secagg_cohort_problem(secure, cohort)
         if problem:
             raise ConfigError(f"{where}: {problem}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Set
 
-from .config import Config, cohort_size, secagg_cohort_problem
+from .config import Config, secagg_cohort_problem
 from .data import DataError, Federation, build_federation
 
 __all__ = ["PreflightError", "data_decides_size", "resolve_federation", "check_device", "check_keys", "preflight"]
@@ -59,8 +59,7 @@ def _check_against_size(cfg: Config, count: int) -> None:
         except AttackError as exc:
             raise PreflightError(str(exc)) from None
     if cfg.secure.aggregation == "secagg+":
-        cohort = cohort_size(cfg.strategy.fraction_train, count, cfg.strategy.clients_per_round)
-        problem = secagg_cohort_problem(cfg.secure, cohort)
+        problem = secagg_cohort_problem(cfg.secure, cfg.strategy.cohort_size(count))
         if problem:
             raise PreflightError(problem)
 

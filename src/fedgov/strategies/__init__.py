@@ -7,7 +7,6 @@ from collections.abc import Callable
 from flwr.serverapp import strategy as flwr_strategy
 
 from ..config import ROBUST_STRATEGIES, Config
-from ..config import cohort_size as cohort_of
 from ..governance.electorate import Electorate
 from .governance import WEIGHT_KEY, GovernedAggregation
 from .recorder import CohortSampler, RoundRecorder
@@ -47,7 +46,7 @@ STRATEGIES: dict[str, Callable[[Config], flwr_strategy.Strategy]] = {
 
 def cohort_size(cfg: Config) -> int:
     """How many cooperatives train each round (the CohortSampler's rule)."""
-    return cohort_of(cfg.strategy.fraction_train, cfg.data.num_cooperatives, cfg.strategy.clients_per_round)
+    return cfg.strategy.cohort_size(cfg.data.num_cooperatives)
 
 
 def build_strategy(cfg: Config) -> flwr_strategy.Strategy:
