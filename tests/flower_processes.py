@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["FlowerProcesses", "Started", "free_ports", "flower_bin", "tail", "flower_environment",
-           "write_connection", "flwr_run", "wait_for_summary", "serverapp_log"]
+           "write_connection", "flwr_run", "wait_for_summary", "serverapp_log", "register_supernode",
+           "wait_for_log", "start_secure_superlink", "start_member", "fedgov_test_app"]
 
 MARKER_VARIABLE = "FEDGOV_TEST_PROCESS_TAG"
 
@@ -231,6 +232,16 @@ class FlowerProcesses:
         self.started.remove(started)
         self.retired.append(started)
 
+    def kill(self, started: Started) -> None:
+        """SIGKILL a process and everything it spawned at once, as when its machine dies."""
+        pids = {started.pid} | _descendants([started.pid])
+        for pid in pids:
+            _signal(pid, signal.SIGSTOP)  # freeze the tree first, so that no child outlives its parent's kill
+        for pid in pids:
+            _signal(pid, signal.SIGKILL)
+        started.process.wait(timeout=10)
+        self.retire(started)
+
     def leftovers(self) -> set[int]:
         return {pid for pid in _tagged(self.tag) if _alive(pid)}
 
@@ -321,6 +332,77 @@ def write_connection(flwr_home: Path, name: str, superlink_port: int, *,
         f'address = "127.0.0.1:{superlink_port}"\n'
         + security
     )
+
+
+def register_supernode(procs: FlowerProcesses, app_dir: Path, connection: str, public_key: Path) -> int:
+    """``flwr supernode register``: admit a member's key on the SuperLink; returns its node id."""
+    argv = [flower_bin("flwr"), "supernode", "register", str(public_key), connection, "--format", "json"]
+    result = subprocess.run(argv, cwd=app_dir, env=procs.env, capture_output=True, text=True, timeout=60)
+    with open(procs.log_dir / "flwr-supernode-register.log", "a") as handle:
+        handle.write(f"$ {' '.join(argv)}\nexit {result.returncode}\n{result.stdout}\n{result.stderr}\n")
+    start, end = result.stdout.find("{"), result.stdout.rfind("}")
+    try:
+        reply = json.loads(result.stdout[start:end + 1])
+    except ValueError:
+        reply = {}
+    if not reply.get("success"):
+        raise RuntimeError(f"flwr supernode register {public_key} failed (exit {result.returncode}):\n"
+                           f"{result.stdout}\n{result.stderr}")
+    return int(reply["node-id"])
+
+
+def start_secure_superlink(procs: FlowerProcesses, tls, *, database: Path | None = None,  # noqa: ANN001
+                           name: str = "superlink", port: int | None = None) -> tuple[Started, int]:
+    """A SuperLink over TLS (``fedgov.tls``'s files) that admits registered SuperNodes only;
+    with ``database`` its state lives in that SQLite file (and survives a restart)."""
+    def argv(free_port: int) -> list[str]:
+        return [flower_bin("flower-superlink"), "--ssl-ca-certfile", str(tls.ca_certificate),
+                "--ssl-certfile", str(tls.server_certificate), "--ssl-keyfile", str(tls.server_key),
+                "--enable-supernode-auth", "--disable-runtime-dependency-installation",
+                *(["--database", str(database)] if database is not None else []),
+                "--host", "127.0.0.1", "--port", str(port if port is not None else free_port)]
+
+    return procs.start_http_service(name, argv, tls_ca=tls.ca_certificate, attempts=1 if port else 3)
+
+
+def start_member(procs: FlowerProcesses, name: str, superlink_port: int, tls, key: Path | None,  # noqa: ANN001
+                 node_config: str, *, wait: bool = True) -> Started:
+    """A SuperNode over TLS that joins with its own key (``fedgov.member_key``); ``wait=False``
+    for one expected to be refused (it is started, not health-checked)."""
+    def argv(port: int) -> list[str]:
+        return [flower_bin("flower-supernode"), "--root-certificates", str(tls.ca_certificate),
+                "--superlink", f"127.0.0.1:{superlink_port}", "--host", "127.0.0.1", "--port", str(port),
+                *(["--auth-supernode-private-key", str(key)] if key is not None else []),
+                "--node-config", node_config]
+
+    if not wait:
+        return procs.start(name, argv(free_ports(1)[0]))
+    return procs.start_http_service(name, argv)[0]
+
+
+def fedgov_test_app(root: Path, target: Path, *, clientapp_file: Path) -> Path:
+    """A copy of fedgov's Flower App whose ClientApp is ``clientapp_file`` (as ``wire_client.py``):
+    the same ServerApp and app config, another ClientApp, for tests that need one on the wire."""
+    target.mkdir(parents=True, exist_ok=True)
+    pyproject = (root / "pyproject.toml").read_text()
+    line = 'clientapp = "fedgov.client_app:app"'
+    if line not in pyproject:
+        raise RuntimeError(f"{root / 'pyproject.toml'}: no {line!r} to replace")
+    (target / "pyproject.toml").write_text(pyproject.replace(line, 'clientapp = "wire_client:app"'))
+    # Not test_*.py: Flower leaves files named like tests out of the FAB.
+    (target / "wire_client.py").write_text(clientapp_file.read_text())
+    return target
+
+
+def wait_for_log(log: Path, pattern: str, *, count: int = 1, timeout: float) -> None:
+    """Wait until ``pattern`` (a regular expression) has appeared ``count`` times in ``log``."""
+    regex = re.compile(pattern)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len(regex.findall(Path(log).read_text(errors="replace"))) >= count:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{log.name}: {pattern!r} did not appear {count} time(s) within {timeout:.0f} s\n{tail(log)}")
 
 
 def flwr_run(procs: FlowerProcesses, app_dir: Path, connection: str, *, run_config: Sequence[str],

@@ -290,6 +290,12 @@ class RuntimeConfig:
                                      "empty: a local Ray instance of fedgov's own, never a cluster merely "
                                      "recorded on this machine")
     out: str = _spec("runs", doc="folder under which run directories are made")
+    round_timeout: float = _spec(3600.0, low=0.0, low_open=True,
+                                 doc="seconds a round waits for its members' replies before it goes on without "
+                                     "them (Flower's default; a dead SuperNode is also given up once it misses "
+                                     "two heartbeats, about 60 s)")
+    resume: str = _spec("", doc="with `flwr run`: continue this run directory from its checkpoint, under the "
+                                "run's own config.toml (after a SuperLink restart; fedgov.simulate has --resume)")
 
 
 @dataclass

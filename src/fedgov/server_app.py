@@ -126,6 +126,7 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, *,
         num_cooperatives=federation.num_cooperatives,
         expect_custodian=uses_custodian(cfg))
     startup["discovery"] = time.perf_counter() - wall_start - startup["before_nodes"] - startup["wait_for_nodes"]
+    members = member_keys(grid, node_to_coop)
 
     model = build_model(cfg.model.name, input_shape=federation.input_shape,
                         num_classes=federation.num_classes, hidden=cfg.model.hidden, seed=cfg.seed)
@@ -138,7 +139,7 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, *,
         _copy_escrow(Path(cfg.secure.key_dir), run_dir)
     electorate, electorate_audit = _electorate(cfg, federation)
     audit = open_audit(run_dir, cfg, cooperatives=coop_stats, resuming=checkpoint is not None,
-                       electorate=electorate_audit)
+                       electorate=electorate_audit, members=members)
     record = RunRecord(run_dir, cfg, cooperatives=coop_stats, num_parameters=count_parameters(model),
                        device=str(device), audit=audit, probe=probe, ground_truth=_ground_truth(cfg, federation),
                        registrar=electorate_audit.get("registrar"))
@@ -196,7 +197,7 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, *,
                                              round_offset=done, on_round=on_round)
     else:
         recorder.start(grid, initial_arrays, num_rounds=cfg.train.rounds - done,
-                       evaluate_fn=central_evaluate)
+                       timeout=cfg.runtime.round_timeout, evaluate_fn=central_evaluate)
     record.finish(wall_seconds=time.perf_counter() - wall_start, arrays=latest["arrays"])
     return record
 
@@ -222,9 +223,28 @@ def _electorate(cfg: Config, federation: Any) -> tuple[Any, dict[str, Any]]:
     return electorate, record
 
 
+def member_keys(grid: Grid, node_to_coop: dict[int, int]) -> dict[int, dict[str, Any]]:
+    """Each cooperative's node and the fingerprint of the key its SuperNode joined with.
+
+    On the Deployment Engine with SuperNode authentication, that key is the one registered for
+    the member (``fedgov.member_key``); simulated nodes have no key, and get no entry.
+    """
+    from .member_key import fingerprint_of_pem
+
+    found: dict[int, dict[str, Any]] = {}
+    for info in grid.get_nodes():
+        if info.node_id in node_to_coop and (key := fingerprint_of_pem(info.public_key)) is not None:
+            found[node_to_coop[info.node_id]] = {"node_id": int(info.node_id), "member_key": key}
+    return found
+
+
 def open_audit(run_dir: Path, cfg: Config, *, cooperatives: dict[int, dict[str, Any]], resuming: bool,
-               electorate: dict[str, Any] | None = None) -> AuditLog:
+               electorate: dict[str, Any] | None = None,
+               members: dict[int, dict[str, Any]] | None = None) -> AuditLog:
     """Start (or, on resume, continue) the run's signed audit log.
+
+    ``members``: each cooperative's SuperNode key (``member_keys``), recorded in ``run_start``
+    and again in every ``run_resume``, since a resumed run may meet re-registered members.
 
     A resume with no round left to train (the checkpoint is at ``train.rounds``) appends
     nothing: the run trains no round and writes no summary, so the log stays as the run
@@ -241,7 +261,8 @@ def open_audit(run_dir: Path, cfg: Config, *, cooperatives: dict[int, dict[str, 
             raise FederationError(str(exc)) from None
         from_round = _checkpoint_round(run_dir) if resuming else 0
         if from_round < cfg.train.rounds:
-            audit.append("run_resume", {"from_round": from_round})
+            audit.append("run_resume", {"from_round": from_round,
+                                        **({"members": _members_body(members)} if members else {})})
         return audit
     audit = AuditLog(run_dir)
     atomic_write_bytes(key_path, audit.private_key_bytes, mode=0o600)
@@ -251,12 +272,17 @@ def open_audit(run_dir: Path, cfg: Config, *, cooperatives: dict[int, dict[str, 
         escrow = json.loads(escrow_meta.read_text()) if escrow_meta.is_file() else None
     audit.append("run_start", {
         "config_hash": cfg.hash(), "config": cfg.to_flat(), "mechanism": mechanism(cfg),
-        "cooperatives": {str(c): {"name": s["name"], "claimed_train_examples": s["num_train"]}
+        "cooperatives": {str(c): {"name": s["name"], "claimed_train_examples": s["num_train"],
+                                  **(members or {}).get(c, {})}
                          for c, s in sorted(cooperatives.items())},
         "escrow": escrow,
         # Who decides membership (a registrar, with whom it merged) and the stakes votes are weighted by.
         **(electorate or {})})
     return audit
+
+
+def _members_body(members: dict[int, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {str(c): entry for c, entry in sorted(members.items())}
 
 
 def _checkpoint_round(run_dir: Path) -> int:
@@ -318,6 +344,19 @@ def _attack_probe(cfg: Config, federation: Any, model: torch.nn.Module, device: 
     return probe
 
 
+def resumed_run(run_dir: Path) -> tuple[Config, Path]:
+    """The config and directory of a run to continue: its own config.toml, whatever else was passed."""
+    from .config import ConfigError, load_config
+
+    config_path = run_dir / "config.toml"
+    if not config_path.is_file():
+        raise FederationError(f"runtime.resume: {run_dir} is not a run directory (no config.toml)")
+    try:
+        return load_config(config_path), run_dir
+    except ConfigError as exc:
+        raise FederationError(f"runtime.resume: {exc}") from None
+
+
 def build_server_app(config: Config | None = None, run_dir: Path | None = None,
                      on_round: Callable[[dict[str, Any]], None] | None = None) -> ServerApp:
     """The ServerApp; with ``config`` it ignores ``context.run_config`` (used by fedgov.simulate)."""
@@ -326,7 +365,10 @@ def build_server_app(config: Config | None = None, run_dir: Path | None = None,
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = config if config is not None else Config.from_flat(context.run_config)
-        directory = run_dir if run_dir is not None else new_run_dir(cfg.runtime.out, cfg.hash())
+        if config is None and cfg.runtime.resume:  # `flwr run` continuing a run, e.g. after a SuperLink restart
+            cfg, directory = resumed_run(Path(cfg.runtime.resume))
+        else:
+            directory = run_dir if run_dir is not None else new_run_dir(cfg.runtime.out, cfg.hash())
         run_federation(grid, cfg, directory, on_round=on_round)
 
     return server_app

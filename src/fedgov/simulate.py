@@ -117,6 +117,8 @@ def _prepare(args: argparse.Namespace) -> tuple[Config, Path]:
         cfg, _ = preflight(load_config(config_path), given=None)  # every key of config.toml is fixed
         return cfg, args.resume
     cfg, given = read_config(args.config, args.overrides)
+    if cfg.runtime.resume:
+        raise ConfigError(f"runtime.resume is for `flwr run`; here use --resume {cfg.runtime.resume}")
     if args.out is not None:
         cfg = cfg.replace(**{"runtime.out": str(args.out)})
     if cfg.data.path:  # simulated clients may not share our working directory

@@ -122,3 +122,25 @@ def test_round_offset_shows_clients_the_true_round():
     messages = list(recorder.configure_train(1, _global(), ConfigRecord(), FakeGrid(NODES)))
     assert recorder.current.round == 8
     assert messages[0].content["config"]["server-round"] == 8
+
+
+def test_an_error_the_superlink_writes_for_a_lost_node_is_the_cooperatives():
+    """On the Deployment Engine a node that stops sending heartbeats is answered by the SuperLink,
+    from the SuperLink's own node id: the failure still belongs to the cooperative it was sent to."""
+    from flwr.app import Error
+    from flwr.common.constant import SUPERLINK_NODE_ID
+
+    cfg = Config().replace(**{"data.num_cooperatives": 6})
+    recorder = _recorder(cfg)
+    messages = list(recorder.configure_train(1, _global(), ConfigRecord(), FakeGrid(NODES)))
+    for m in messages:  # what a grid does when it pushes them
+        m.metadata.__dict__["_message_id"] = m.object_id
+    lost = next(m for m in messages if NODES[m.metadata.dst_node_id] == 4)
+    replies = [r for r in _replies(messages) if r.metadata.reply_to_message_id != lost.metadata.message_id]
+    unavailable = Message(Error(code=5, reason="Error: Node Unavailable - no heartbeat"), reply_to=lost)
+    unavailable.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
+    assert unavailable.metadata.src_node_id == SUPERLINK_NODE_ID
+    recorder.aggregate_train(1, [*replies, unavailable])
+    log = recorder.current
+    assert log.participants == [0, 1, 2, 3, 5]
+    assert [(f["cooperative"], f["reason"]) for f in log.failures] == [(4, "Error: Node Unavailable - no heartbeat")]

@@ -1,6 +1,6 @@
 """``python -m fedgov.audit``: check a run's audit trail, and trace who pushed the model where.
 
-    python -m fedgov.audit verify RUN_DIR [--public-key HEX] [--head HASH] [--allow-incomplete]
+    python -m fedgov.audit verify RUN_DIR [--public-key HEX] [--head HASH] [--allow-incomplete] [--members]
         exit 0 intact (the last line printed is "head <hash>"), 1 tampered or inconsistent,
         2 bad input or nothing to verify
     python -m fedgov.audit trace RUN_DIR [--share FILE ...] [--misbehaviour KIND] [--top N]
@@ -16,8 +16,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from fedgov.audit.log import LOG_NAME
-from fedgov.audit.verify import is_digest, verify
+from fedgov.audit.log import LOG_NAME, read_chain
+from fedgov.audit.verify import is_digest, members_by_round, verify
 from fedgov.cli import ArgumentParser, fail
 
 PROG = "python -m fedgov.audit"
@@ -49,6 +49,9 @@ def _parser() -> ArgumentParser:
                                "oversight board): fail unless the log ends exactly there")
     p_verify.add_argument("--allow-incomplete", action="store_true",
                           help="accept a log without run_end (a run still in progress)")
+    p_verify.add_argument("--members", action="store_true",
+                          help="once verified, list for each round the cooperatives counted and the key each "
+                               "one's SuperNode was admitted with (Deployment Engine with authentication)")
     p_trace = sub.add_parser("trace", help="rank cooperatives by how much their retained updates pushed the "
                                            "model towards the misbehaviour")
     p_trace.add_argument("run_dir", metavar="RUN_DIR", type=Path, help="the run directory (with updates/)")
@@ -81,6 +84,10 @@ def _verify(args: argparse.Namespace, prog: str) -> int:
         print(result.message, file=sys.stderr)
         return 1
     print(result.message)
+    if args.members:
+        for number, members in members_by_round(read_chain(args.run_dir, args.public_key)):
+            named = ", ".join(f"{c} {key or '(no key)'}" for c, key in members.items()) or "none"
+            print(f"round {number}: {named}")
     print(f"head {result.head}")  # last, so that a script can hand it to a witness
     return 0
 

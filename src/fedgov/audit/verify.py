@@ -30,7 +30,7 @@ import numpy as np
 
 from .log import LOG_NAME, Chain, VerifyResult, digest_arrays, read_chain
 
-__all__ = ["verify", "is_digest", "SUMMARY_NAME", "CHECKPOINT_NAME", "METRICS_NAME"]
+__all__ = ["verify", "members_by_round", "is_digest", "SUMMARY_NAME", "CHECKPOINT_NAME", "METRICS_NAME"]
 
 # Written by fedgov.run_record, which imports this package, so the names are not imported from it.
 SUMMARY_NAME = "summary.json"
@@ -78,13 +78,46 @@ def verify(run_dir: str | Path, public_key_hex: str | None = None, *, require_en
 
 
 def _membership(chain: Chain) -> str:
-    """Who decided who counts as a member, when someone did: the registrar named in run_start."""
+    """Who decided who counts as a member, when someone did: the registrar named in run_start,
+    and the SuperNode keys registered on the Deployment Engine."""
+    text = ""
+    keys = _keys_of(chain.records[0]["body"].get("cooperatives"))
+    if keys:
+        text += f"; {len(keys)} members admitted by their registered keys (--members lists them by round)"
     registrar = chain.records[0]["body"].get("registrar")
     if not isinstance(registrar, dict):
-        return ""
+        return text
     merged = registrar.get("merged") or {}
-    return (f"; membership decided by registrar {registrar.get('name')!r} "
-            f"({len(merged)} of {registrar.get('identities_checked')} identities merged into another member)")
+    return text + (f"; membership decided by registrar {registrar.get('name')!r} "
+                   f"({len(merged)} of {registrar.get('identities_checked')} identities merged into another member)")
+
+
+def _keys_of(entries: object) -> dict[int, str]:
+    """cooperative -> key fingerprint, from run_start's cooperatives or run_resume's members."""
+    if not isinstance(entries, dict):
+        return {}
+    return {int(c): e["member_key"] for c, e in entries.items()
+            if str(c).isdigit() and isinstance(e, dict) and isinstance(e.get("member_key"), str)}
+
+
+def members_by_round(chain: Chain) -> list[tuple[int, dict[int, str | None]]]:
+    """Each round record, in log order, with the key behind each cooperative whose update it counted.
+
+    The keys are those the SuperNodes joined with when the run started, or resumed (a resumed
+    run may meet re-registered members); None where the log names no key (a simulated member).
+    """
+    keys: dict[int, str] = {}
+    rounds: list[tuple[int, dict[int, str | None]]] = []
+    for record in chain.records:
+        kind, body = record["kind"], record["body"]
+        if kind == "run_start":
+            keys = _keys_of(body.get("cooperatives"))
+        elif kind == "run_resume" and "members" in body:
+            keys = _keys_of(body.get("members"))
+        elif kind == "round" and isinstance(body.get("round"), int):
+            contributors = [int(c) for c in body.get("participants") or [] if str(c).isdigit()]
+            rounds.append((body["round"], {c: keys.get(c) for c in sorted(contributors)}))
+    return rounds
 
 
 def _head_problem(chain: Chain, witness: str) -> VerifyResult:

@@ -89,12 +89,22 @@ class RoundRecorder(Strategy):
         self.round_offset = round_offset
         self.current: RoundLog | None = None
         self._phase_start = 0.0
+        self._sent: list[Message] = []  # this phase's instructions
+        self._destinations: dict[str, int] = {}  # their message ids -> destination nodes
 
     # -- helpers ---------------------------------------------------------------
     def _cooperative_of(self, message: Message) -> int:
-        return self.node_to_cooperative.get(message.metadata.src_node_id, -1)
+        coop = self.node_to_cooperative.get(message.metadata.src_node_id)
+        if coop is not None:
+            return coop
+        # An error the SuperLink wrote itself (a node that stopped sending heartbeats) comes from the
+        # SuperLink, not the node: the instruction it answers names the cooperative.
+        node = self._destinations.get(message.metadata.reply_to_message_id)
+        return self.node_to_cooperative.get(node, -1) if node is not None else -1
 
     def _in_cooperative_order(self, replies: Iterable[Message]) -> list[Message]:
+        # The instructions' ids are set when the grid pushes them, after configure_* returned them.
+        self._destinations = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}
         return sorted(replies, key=self._cooperative_of)
 
     def _metrics_of(self, message: Message) -> dict[str, float]:
@@ -121,8 +131,8 @@ class RoundRecorder(Strategy):
             config = ConfigRecord({**dict(config), "stragglers": list(stragglers),
                                    "straggler-epochs": list(stragglers.values())})
         nodes = [self.cooperative_to_node[c] for c in sampled]
-        messages = list(self.inner.configure_train(server_round, arrays, config,
-                                                   _NodeSubsetGrid(grid, nodes)))
+        messages = self._sent = list(self.inner.configure_train(server_round, arrays, config,
+                                                                _NodeSubsetGrid(grid, nodes)))
         if self.meter is not None:
             self.meter.take()  # the round starts here: count its messages from zero
         self.current = RoundLog(round=server_round, sampled=sampled, started=started,
@@ -159,10 +169,12 @@ class RoundRecorder(Strategy):
         self._phase_start = time.perf_counter()
         server_round += self.round_offset
         if not evaluates_cooperatives(server_round, every=self.evaluate_every, last_round=self.last_round):
+            self._sent = []
             return []  # not this round (train.evaluate_every): no message is sent
         # Every cooperative evaluates; other nodes (the custodian) are not shown to the inner strategy.
         cooperatives = _NodeSubsetGrid(grid, sorted(self.cooperative_to_node.values()))
-        return self.inner.configure_evaluate(server_round, arrays, config, cooperatives)
+        self._sent = list(self.inner.configure_evaluate(server_round, arrays, config, cooperatives))
+        return self._sent
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         server_round += self.round_offset
