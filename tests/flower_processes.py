@@ -199,15 +199,17 @@ class FlowerProcesses:
 
     def start_http_service(self, name: str, argv_for_port, *, health_path: str = "/health",
                            timeout: float = 60.0, attempts: int = 3,
-                           tls_ca: Path | None = None) -> tuple[Started, int]:
-        """Start a server on a free port, retrying on a new port if it dies (port taken).
+                           tls_ca: Path | None = None, port: int | None = None) -> tuple[Started, int]:
+        """Start a server on a free port, retrying on a new port if it dies (port taken); with
+        ``port``, on that port only (a restart where its clients expect it), once.
 
         With ``tls_ca`` the server speaks https, and its health is checked against that CA."""
         last: Started | None = None
-        for _ in range(attempts):
+        fixed_port = port
+        for _ in range(1 if fixed_port is not None else attempts):
             if last is not None:
                 self.retire(last)
-            port = free_ports(1)[0]
+            port = fixed_port if fixed_port is not None else free_ports(1)[0]
             last = self.start(name, argv_for_port(port))
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
@@ -360,9 +362,9 @@ def start_secure_superlink(procs: FlowerProcesses, tls, *, database: Path | None
                 "--ssl-certfile", str(tls.server_certificate), "--ssl-keyfile", str(tls.server_key),
                 "--enable-supernode-auth", "--disable-runtime-dependency-installation",
                 *(["--database", str(database)] if database is not None else []),
-                "--host", "127.0.0.1", "--port", str(port if port is not None else free_port)]
+                "--host", "127.0.0.1", "--port", str(free_port)]
 
-    return procs.start_http_service(name, argv, tls_ca=tls.ca_certificate, attempts=1 if port else 3)
+    return procs.start_http_service(name, argv, tls_ca=tls.ca_certificate, port=port)
 
 
 def start_member(procs: FlowerProcesses, name: str, superlink_port: int, tls, key: Path | None,  # noqa: ANN001

@@ -294,8 +294,9 @@ class RuntimeConfig:
                                  doc="seconds a round waits for its members' replies before it goes on without "
                                      "them (Flower's default; a dead SuperNode is also given up once it misses "
                                      "two heartbeats, about 60 s)")
-    resume: str = _spec("", doc="with `flwr run`: continue this run directory from its checkpoint, under the "
-                                "run's own config.toml (after a SuperLink restart; fedgov.simulate has --resume)")
+    resume: str = _spec("", doc="with `flwr run`: continue this run directory from its checkpoint (after a "
+                                "SuperLink restart: pass the run's resume.toml, which sets it; fedgov.simulate "
+                                "has --resume)")
 
 
 @dataclass

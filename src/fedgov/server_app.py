@@ -30,7 +30,7 @@ from .config import Config
 from .preflight import resolve_federation
 from .governance.archive import UpdateArchive
 from .models import build_model, count_parameters
-from .results import atomic_write_bytes, new_run_dir
+from .results import atomic_write_bytes, atomic_write_text, new_run_dir
 from .run_record import Checkpoint, RunRecord, mechanism
 from .mechanisms import ServerSide, active
 from .sampling import cohort_sampler, evaluation_interval
@@ -344,17 +344,38 @@ def _attack_probe(cfg: Config, federation: Any, model: torch.nn.Module, device: 
     return probe
 
 
-def resumed_run(run_dir: Path) -> tuple[Config, Path]:
-    """The config and directory of a run to continue: its own config.toml, whatever else was passed."""
+RESUME_CONFIG_NAME = "resume.toml"
+
+
+def write_resume_config(cfg: Config, run_dir: Path) -> Path:
+    """``RUN_DIR/resume.toml``: the run's config with ``runtime.resume`` pointing at it, so that one
+    ``flwr run . <connection> --run-config RUN_DIR/resume.toml`` continues the run after a restart,
+    its members training under the very config they trained with."""
+    path = run_dir / RESUME_CONFIG_NAME
+    atomic_write_text(path, cfg.replace(**{"runtime.resume": str(run_dir.resolve())}).to_toml())
+    return path
+
+
+def resumed_run(cfg: Config) -> tuple[Config, Path]:
+    """The config and directory of the run ``cfg.runtime.resume`` names, after checking that ``cfg``
+    (which every member trains with) is that run's config."""
     from .config import ConfigError, load_config
 
+    run_dir = Path(cfg.runtime.resume)
     config_path = run_dir / "config.toml"
     if not config_path.is_file():
         raise FederationError(f"runtime.resume: {run_dir} is not a run directory (no config.toml)")
     try:
-        return load_config(config_path), run_dir
+        own = load_config(config_path)
     except ConfigError as exc:
         raise FederationError(f"runtime.resume: {exc}") from None
+    if own.hash() != cfg.hash():
+        given = cfg.to_flat()
+        differ = sorted(k for k, v in own.to_flat().items() if given.get(k) != v and not k.startswith("runtime."))
+        raise FederationError(f"runtime.resume: the run config differs from {config_path} in {', '.join(differ)}; "
+                              f"the members train with the run config, so pass it whole: flwr run . <connection> "
+                              f"--run-config {run_dir / RESUME_CONFIG_NAME}")
+    return own, run_dir
 
 
 def build_server_app(config: Config | None = None, run_dir: Path | None = None,
@@ -366,9 +387,11 @@ def build_server_app(config: Config | None = None, run_dir: Path | None = None,
     def main(grid: Grid, context: Context) -> None:
         cfg = config if config is not None else Config.from_flat(context.run_config)
         if config is None and cfg.runtime.resume:  # `flwr run` continuing a run, e.g. after a SuperLink restart
-            cfg, directory = resumed_run(Path(cfg.runtime.resume))
+            cfg, directory = resumed_run(cfg)
         else:
             directory = run_dir if run_dir is not None else new_run_dir(cfg.runtime.out, cfg.hash())
+        if config is None:
+            write_resume_config(cfg, directory)
         run_federation(grid, cfg, directory, on_round=on_round)
 
     return server_app
