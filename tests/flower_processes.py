@@ -185,13 +185,13 @@ class FlowerProcesses:
         self.started: list[Started] = []  # the live federation
         self.retired: list[Started] = []  # attempts that died (port taken); still cleaned up
 
-    def start(self, name: str, argv: Sequence[str]) -> Started:
+    def start(self, name: str, argv: Sequence[str], *, extra_env: Mapping[str, str] | None = None) -> Started:
         log = self.log_dir / f"{name}.log"
         with open(log, "ab") as handle:
             handle.write(f"$ {' '.join(argv)}\n".encode())
             handle.flush()
             process = subprocess.Popen(list(argv), stdout=handle, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL, env=self.env,
+                                       stdin=subprocess.DEVNULL, env={**self.env, **(extra_env or {})},
                                        start_new_session=True)
         started = Started(name, process, log)
         self.started.append(started)
@@ -199,7 +199,8 @@ class FlowerProcesses:
 
     def start_http_service(self, name: str, argv_for_port, *, health_path: str = "/health",
                            timeout: float = 60.0, attempts: int = 3,
-                           tls_ca: Path | None = None, port: int | None = None) -> tuple[Started, int]:
+                           tls_ca: Path | None = None, port: int | None = None,
+                           extra_env: Mapping[str, str] | None = None) -> tuple[Started, int]:
         """Start a server on a free port, retrying on a new port if it dies (port taken); with
         ``port``, on that port only (a restart where its clients expect it), once.
 
@@ -210,7 +211,7 @@ class FlowerProcesses:
             if last is not None:
                 self.retire(last)
             port = fixed_port if fixed_port is not None else free_ports(1)[0]
-            last = self.start(name, argv_for_port(port))
+            last = self.start(name, argv_for_port(port), extra_env=extra_env)
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
                 if last.process.poll() is not None:
@@ -354,9 +355,11 @@ def register_supernode(procs: FlowerProcesses, app_dir: Path, connection: str, p
 
 
 def start_secure_superlink(procs: FlowerProcesses, tls, *, database: Path | None = None,  # noqa: ANN001
-                           name: str = "superlink", port: int | None = None) -> tuple[Started, int]:
+                           name: str = "superlink", port: int | None = None,
+                           extra_env: Mapping[str, str] | None = None) -> tuple[Started, int]:
     """A SuperLink over TLS (``fedgov.tls``'s files) that admits registered SuperNodes only;
-    with ``database`` its state lives in that SQLite file (and survives a restart)."""
+    with ``database`` its state lives in that SQLite file (and survives a restart). ``extra_env``
+    reaches it and what it starts (its ServerApps), and no other process."""
     def argv(free_port: int) -> list[str]:
         return [flower_bin("flower-superlink"), "--ssl-ca-certfile", str(tls.ca_certificate),
                 "--ssl-certfile", str(tls.server_certificate), "--ssl-keyfile", str(tls.server_key),
@@ -364,7 +367,7 @@ def start_secure_superlink(procs: FlowerProcesses, tls, *, database: Path | None
                 *(["--database", str(database)] if database is not None else []),
                 "--host", "127.0.0.1", "--port", str(free_port)]
 
-    return procs.start_http_service(name, argv, tls_ca=tls.ca_certificate, port=port)
+    return procs.start_http_service(name, argv, tls_ca=tls.ca_certificate, port=port, extra_env=extra_env)
 
 
 def start_member(procs: FlowerProcesses, name: str, superlink_port: int, tls, key: Path | None,  # noqa: ANN001

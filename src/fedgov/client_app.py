@@ -95,8 +95,10 @@ class _Node:
         partition_id = int(context.node_config["partition-id"])
         num_partitions = int(context.node_config.get("num-partitions", self.federation.num_cooperatives))
         # In simulation the custodian, when there is one, is the engine's last node: one partition more.
-        if num_partitions - extra_nodes(cfg) != self.federation.num_cooperatives or not (
-                0 <= partition_id < self.federation.num_cooperatives):
+        # On the Deployment Engine each SuperNode counts the cooperatives only, as docs/deployment.md says.
+        cooperatives = self.federation.num_cooperatives
+        if num_partitions not in (cooperatives, cooperatives + extra_nodes(cfg)) or not (
+                0 <= partition_id < cooperatives):
             raise ValueError(
                 f"node config partition-id={partition_id} num-partitions={num_partitions} does not fit "
                 f"the run's {self.federation.num_cooperatives} cooperatives (data.num_cooperatives)")

@@ -24,7 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from .audit import LOG_NAME, AuditError, AuditLog
 from .client_errors import clean_reason
-from .decryption import extra_nodes, uses_custodian
+from .decryption import CUSTODIAN_ROLE, extra_nodes, uses_custodian
 from .traffic import TrafficMeter
 from .config import Config
 from .preflight import resolve_federation
@@ -126,7 +126,7 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, *,
         num_cooperatives=federation.num_cooperatives,
         expect_custodian=uses_custodian(cfg))
     startup["discovery"] = time.perf_counter() - wall_start - startup["before_nodes"] - startup["wait_for_nodes"]
-    members = member_keys(grid, node_to_coop)
+    members = member_keys(grid, {**node_to_coop, **({custodian_node: CUSTODIAN_ROLE} if custodian_node is not None else {})})
 
     model = build_model(cfg.model.name, input_shape=federation.input_shape,
                         num_classes=federation.num_classes, hidden=cfg.model.hidden, seed=cfg.seed)
@@ -223,24 +223,25 @@ def _electorate(cfg: Config, federation: Any) -> tuple[Any, dict[str, Any]]:
     return electorate, record
 
 
-def member_keys(grid: Grid, node_to_coop: dict[int, int]) -> dict[int, dict[str, Any]]:
-    """Each cooperative's node and the fingerprint of the key its SuperNode joined with.
+def member_keys(grid: Grid, parties: dict[int, int | str]) -> dict[int | str, dict[str, Any]]:
+    """Each party's node and the fingerprint of the key its SuperNode joined with, by cooperative
+    (``parties`` maps node -> cooperative, or -> ``"custodian"``).
 
     On the Deployment Engine with SuperNode authentication, that key is the one registered for
     the member (``fedgov.member_key``); simulated nodes have no key, and get no entry.
     """
     from .member_key import fingerprint_of_pem
 
-    found: dict[int, dict[str, Any]] = {}
+    found: dict[int | str, dict[str, Any]] = {}
     for info in grid.get_nodes():
-        if info.node_id in node_to_coop and (key := fingerprint_of_pem(info.public_key)) is not None:
-            found[node_to_coop[info.node_id]] = {"node_id": int(info.node_id), "member_key": key}
+        if info.node_id in parties and (key := fingerprint_of_pem(info.public_key)) is not None:
+            found[parties[info.node_id]] = {"node_id": int(info.node_id), "member_key": key}
     return found
 
 
 def open_audit(run_dir: Path, cfg: Config, *, cooperatives: dict[int, dict[str, Any]], resuming: bool,
                electorate: dict[str, Any] | None = None,
-               members: dict[int, dict[str, Any]] | None = None) -> AuditLog:
+               members: dict[int | str, dict[str, Any]] | None = None) -> AuditLog:
     """Start (or, on resume, continue) the run's signed audit log.
 
     ``members``: each cooperative's SuperNode key (``member_keys``), recorded in ``run_start``
@@ -275,14 +276,16 @@ def open_audit(run_dir: Path, cfg: Config, *, cooperatives: dict[int, dict[str, 
         "cooperatives": {str(c): {"name": s["name"], "claimed_train_examples": s["num_train"],
                                   **(members or {}).get(c, {})}
                          for c, s in sorted(cooperatives.items())},
+        # The key holder's SuperNode, when it joined with a key: a party of its own.
+        **({"custodian": members[CUSTODIAN_ROLE]} if members and CUSTODIAN_ROLE in members else {}),
         "escrow": escrow,
         # Who decides membership (a registrar, with whom it merged) and the stakes votes are weighted by.
         **(electorate or {})})
     return audit
 
 
-def _members_body(members: dict[int, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    return {str(c): entry for c, entry in sorted(members.items())}
+def _members_body(members: dict[int | str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {str(c): entry for c, entry in sorted(members.items(), key=lambda item: str(item[0]))}
 
 
 def _checkpoint_round(run_dir: Path) -> int:

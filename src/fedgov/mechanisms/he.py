@@ -19,7 +19,11 @@ from flwr.app import Array, ArrayRecord, Context, Error, Message, MessageType, M
 from . import Mechanism, ServerSide, register
 from .plain import note_governance
 
-__all__ = ["HE", "he_mod", "SIZE_LIE_KEY", "cooperative_context"]
+__all__ = ["HE", "he_mod", "SIZE_LIE_KEY", "NODE_KEY_DIR", "cooperative_context"]
+
+# On the Deployment Engine each party keeps its key files on its own machine:
+# flower-supernode --node-config "... key-dir='/path'" overrides secure.key_dir for that SuperNode.
+NODE_KEY_DIR = "key-dir"
 
 # A lying cooperative's own app tells its HE mod to scale its update inside the ciphertext
 # (attack.size_claim); the mod takes the value out of the metrics it sends.
@@ -74,6 +78,8 @@ def he_mod(config: Any) -> Any:
 
     def mod(message: Message, context: Context, call_next: Any) -> Message:
         cfg = config if config is not None else Config.from_flat(context.run_config)
+        if NODE_KEY_DIR in context.node_config:  # this machine keeps its own key files where it chose to
+            cfg = cfg.replace(**{"secure.key_dir": str(context.node_config[NODE_KEY_DIR])})
         kind = message.metadata.message_type
         federation = build_federation(cfg.data, seed=cfg.seed)
         if is_custodian_node(context, cfg, federation.num_cooperatives):  # no data: it only decrypts
