@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
+from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=E0611
 
 from conftest import run_dir_of, run_simulate
 from fedgov.client_app import build_client_app
@@ -63,6 +64,9 @@ class InProcessGrid:
 
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
+
+    def get_nodes(self) -> list[NodeInfo]:  # as Flower's Grid answers for nodes that joined without a key
+        return [NodeInfo(node_id=node) for node in self.contexts]
 
     def send_and_receive(self, messages, *, timeout=None):  # noqa: ANN001, ANN201
         replies = []
