@@ -24,14 +24,9 @@ import pytest
 
 from fedgov.config import load_config
 from fedgov.results import read_json, read_jsonl
-from fedgov.tls import TlsFiles, make_tls_files
 
-try:
-    from .flower_processes import (FlowerProcesses, Started, flower_bin, flower_environment, flwr_run,
-                                   free_ports, serverapp_log, tail, wait_for_summary, write_connection)
-except ImportError:  # tests/ is not a package: pytest puts it on sys.path
-    from flower_processes import (FlowerProcesses, Started, flower_bin, flower_environment, flwr_run,
-                                  free_ports, serverapp_log, tail, wait_for_summary, write_connection)
+from fedgov.bench.flower_processes import (FlowerProcesses, Started, flower_bin, flower_environment, flwr_run,
+                                           serverapp_log, tail, wait_for_summary, write_connection)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONNECTION = "fedgov-test"

@@ -32,12 +32,9 @@ from fedgov.results import read_json, read_jsonl
 from fedgov.tls import make_tls_files
 from tests.crypto import test_key_holders as key_holder_checks
 
-try:
-    from .flower_processes import (FlowerProcesses, flower_environment, flwr_run, register_supernode, serverapp_log,
-                                   start_member, start_secure_superlink, tail, wait_for_summary, write_connection)
-except ImportError:  # tests/ is not a package: pytest puts it on sys.path
-    from flower_processes import (FlowerProcesses, flower_environment, flwr_run, register_supernode, serverapp_log,
-                                  start_member, start_secure_superlink, tail, wait_for_summary, write_connection)
+from fedgov.bench.flower_processes import (FlowerProcesses, flower_environment, flwr_run, register_supernode,
+                                           serverapp_log, start_member, start_secure_superlink, tail,
+                                           wait_for_summary, write_connection)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONNECTION = "fedgov-custodian"

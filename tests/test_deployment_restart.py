@@ -6,8 +6,9 @@ DP-SGD. After round 2 is on record, the SuperLink and everything it started (the
 among them) are SIGKILLed. The SuperNodes keep running and retry. The SuperLink restarts on the
 same port and database, where the registered keys survive; the members reconnect without being
 registered again; ``flwr run . <connection> --run-config RUN_DIR/resume.toml`` (the run's config
-with ``runtime.resume`` set, so the members train under the same config) carries the metrics, the signed audit log and every cooperative's DP ledger on, as ``fedgov.simulate
---resume`` does, and ``python -m fedgov.audit verify`` passes on the result.
+with ``runtime.resume`` set, so the members train under the same config) carries the metrics,
+the signed audit log and every cooperative's DP ledger on, as ``fedgov.simulate --resume``
+does, and ``python -m fedgov.audit verify`` passes on the result.
 """
 
 from __future__ import annotations
@@ -27,12 +28,9 @@ from fedgov.results import read_json, read_jsonl
 from fedgov.tls import make_tls_files
 from tests.privacy import rdp_reference
 
-try:
-    from .flower_processes import (FlowerProcesses, flower_environment, flwr_run, register_supernode, serverapp_log,
-                                   start_member, start_secure_superlink, tail, wait_for_summary, write_connection)
-except ImportError:  # tests/ is not a package: pytest puts it on sys.path
-    from flower_processes import (FlowerProcesses, flower_environment, flwr_run, register_supernode, serverapp_log,
-                                  start_member, start_secure_superlink, tail, wait_for_summary, write_connection)
+from fedgov.bench.flower_processes import (FlowerProcesses, flower_environment, flwr_run, register_supernode,
+                                           serverapp_log, start_member, start_secure_superlink, tail,
+                                           wait_for_summary, write_connection)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONNECTION = "fedgov-restart"

@@ -37,14 +37,9 @@ from fedgov.member_key import make_member_key
 from fedgov.results import read_json, read_jsonl
 from fedgov.tls import make_tls_files
 
-try:
-    from .flower_processes import (FlowerProcesses, fedgov_test_app, flower_environment, flwr_run,
-                                   register_supernode, serverapp_log, start_member, start_secure_superlink, tail,
-                                   wait_for_log, wait_for_summary, write_connection)
-except ImportError:  # tests/ is not a package: pytest puts it on sys.path
-    from flower_processes import (FlowerProcesses, fedgov_test_app, flower_environment, flwr_run,
-                                  register_supernode, serverapp_log, start_member, start_secure_superlink, tail,
-                                  wait_for_log, wait_for_summary, write_connection)
+from fedgov.bench.flower_processes import (FlowerProcesses, fedgov_test_app, flower_environment, flwr_run,
+                                           register_supernode, serverapp_log, start_member, start_secure_superlink,
+                                           tail, wait_for_log, wait_for_summary, write_connection)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONNECTION = "fedgov-secure"
@@ -167,7 +162,7 @@ def test_admitted_members_over_tls_survive_broken_updates_and_a_killed_node(tmp_
         assert "3 members admitted by their registered keys" in verified.stdout, verified.stdout
         lines = {line.split(":", 1)[0]: line for line in verified.stdout.splitlines() if line.startswith("round ")}
         assert lines["round 2"] == f"round 2: 0 {keys[0][2]}", verified.stdout
-        assert lines["round 4"] == f"round 4: " + ", ".join(f"{c} {keys[c][2]}" for c in range(3)), verified.stdout
+        assert lines["round 4"] == "round 4: " + ", ".join(f"{c} {keys[c][2]}" for c in range(3)), verified.stdout
     except BaseException:
         print(procs.log_tails())
         print(f"----- flwr run -----\n{tail(procs.log_dir / 'flwr-run.log')}")

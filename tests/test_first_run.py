@@ -90,7 +90,7 @@ def test_cuda_without_a_gpu_stops_before_the_engine(tmp_path):
 
 
 def test_a_ray_cluster_that_does_not_answer_stops_before_the_engine(tmp_path):
-    from flower_processes import free_ports
+    from fedgov.bench.flower_processes import free_ports
 
     dead = f"127.0.0.1:{free_ports(1)[0]}"  # nothing listens there
     proc = _usage_error("--set", f"runtime.ray_address={dead}", "--out", str(tmp_path / "runs"))

@@ -22,12 +22,8 @@ import pytest
 from fedgov.config import load_config
 from fedgov.results import read_json, read_jsonl
 
-try:
-    from .flower_processes import (FlowerProcesses, flower_bin, flower_environment, flwr_run, serverapp_log,
-                                   tail, wait_for_summary, write_connection)
-except ImportError:  # tests/ is not a package: pytest puts it on sys.path
-    from flower_processes import (FlowerProcesses, flower_bin, flower_environment, flwr_run, serverapp_log,
-                                  tail, wait_for_summary, write_connection)
+from fedgov.bench.flower_processes import (FlowerProcesses, flower_bin, flower_environment, flwr_run, serverapp_log,
+                                           tail, wait_for_summary, write_connection)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONNECTION = "fedgov-sim"

@@ -21,7 +21,7 @@ import pytest
 
 from conftest import ROOT, run_dir_of
 from fedgov.results import read_jsonl
-from flower_processes import FlowerProcesses, flower_bin, free_ports
+from fedgov.bench.flower_processes import FlowerProcesses, flower_bin, free_ports
 
 SMALL = ["--set", "data.num_cooperatives=3", "--set", "train.rounds=2", "--set", "data.partition=iid"]
 

@@ -39,7 +39,7 @@ import tomllib
 
 __all__ = ["SUITES", "BenchError", "load_suite_spec", "main", "run_benchmarks"]
 
-SUITES = ("aggregation", "dp_training", "round", "realtime", "scale")
+SUITES = ("aggregation", "dp_training", "round", "realtime", "scale", "deployment")
 
 
 class BenchError(ValueError):

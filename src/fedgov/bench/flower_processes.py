@@ -1,6 +1,7 @@
-"""Start Flower's Deployment Engine processes for a test, and stop every one of them.
+"""Start Flower's Deployment Engine processes on 127.0.0.1, and stop every one of them.
 
-Used by ``tests/test_deployment.py`` and ``tests/test_flower_simulation.py``. Each process is started in its own session
+Used by the ``deployment`` benchmark suite and by the tests that start Flower's processes
+(``tests/test_deployment*.py``, ``tests/test_flower_simulation.py``, ...). Each process is started in its own session
 (``start_new_session=True``) with its output in a log file, and carries a unique
 marker in its environment. Flower spawns helpers the test never sees directly:
 ``flower-superexec`` (the SuperLink starts it in a session of its own),
@@ -26,11 +27,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["FlowerProcesses", "Started", "free_ports", "flower_bin", "tail", "flower_environment",
-           "write_connection", "flwr_run", "wait_for_summary", "serverapp_log", "register_supernode",
-           "wait_for_log", "start_secure_superlink", "start_member", "fedgov_test_app"]
+__all__ = ["FederationProcessError", "FlowerProcesses", "Started", "free_ports", "flower_bin", "tail",
+           "flower_environment", "write_connection", "flwr_run", "wait_for_summary", "serverapp_log",
+           "register_supernode", "wait_for_log", "start_secure_superlink", "start_member", "fedgov_test_app"]
 
 MARKER_VARIABLE = "FEDGOV_TEST_PROCESS_TAG"
+
+
+class FederationProcessError(RuntimeError):
+    """A federation of real processes did not do what it was started for (a run not submitted, a
+    process that died, a run that ended without its summary)."""
 
 
 def flower_bin(name: str) -> str:
@@ -393,6 +399,8 @@ def fedgov_test_app(root: Path, target: Path, *, clientapp_file: Path) -> Path:
     line = 'clientapp = "fedgov.client_app:app"'
     if line not in pyproject:
         raise RuntimeError(f"{root / 'pyproject.toml'}: no {line!r} to replace")
+    # fedgov's own fab-include names its source tree, which the copy does not have.
+    pyproject = "\n".join(kept for kept in pyproject.splitlines() if not kept.startswith("fab-include")) + "\n"
     (target / "pyproject.toml").write_text(pyproject.replace(line, 'clientapp = "wire_client:app"'))
     # Not test_*.py: Flower leaves files named like tests out of the FAB.
     (target / "wire_client.py").write_text(clientapp_file.read_text())
@@ -413,8 +421,6 @@ def wait_for_log(log: Path, pattern: str, *, count: int = 1, timeout: float) -> 
 def flwr_run(procs: FlowerProcesses, app_dir: Path, connection: str, *, run_config: Sequence[str],
              federation_config: Sequence[str] = ()) -> str:
     """Submit the app with `flwr run`; returns the run id (fails the test if it was not submitted)."""
-    import pytest
-
     # ONE --run-config string: Flower 1.42 merges repeated --run-config flags table by table,
     # so `-c data.num_cooperatives=2 -c data.partition="iid"` silently drops num_cooperatives.
     argv = [flower_bin("flwr"), "run", ".", connection, "--format", "json", "--run-config", " ".join(run_config)]
@@ -429,7 +435,7 @@ def flwr_run(procs: FlowerProcesses, app_dir: Path, connection: str, *, run_conf
     except ValueError:
         reply = {}
     if not reply.get("success") or not reply.get("run-id"):
-        pytest.fail(f"flwr run did not submit the run (exit {result.returncode}):\n"
+        raise FederationProcessError(f"flwr run did not submit the run (exit {result.returncode}):\n"
                     f"{result.stdout}\n{result.stderr}")
     return str(reply["run-id"])
 
@@ -437,8 +443,6 @@ def flwr_run(procs: FlowerProcesses, app_dir: Path, connection: str, *, run_conf
 def wait_for_summary(procs: FlowerProcesses, out: Path, run_id: str, superlink_log: Path, *,
                      deadline_s: float) -> Path:
     """The run directory once its summary.json exists; fails early if the federation broke."""
-    import pytest
-
     finished = re.compile(rf"Finished task \d+ of run {run_id}\b")
     deadline = time.monotonic() + deadline_s
     finished_at: float | None = None
@@ -447,14 +451,16 @@ def wait_for_summary(procs: FlowerProcesses, out: Path, run_id: str, superlink_l
         if summaries:
             return summaries[-1].parent
         if dead := procs.exited():
-            pytest.fail("Flower process(es) exited during the run: "
+            raise FederationProcessError("Flower process(es) exited during the run: "
                         + ", ".join(f"{s.name} (exit {s.process.returncode})" for s in dead))
         if finished_at is None and finished.search(tail(superlink_log, 400)):
             finished_at = time.monotonic()  # the ServerApp ended; give the last write a moment
         if finished_at is not None and time.monotonic() - finished_at > 10:
-            pytest.fail(f"run {run_id} finished on the SuperLink without writing summary.json under {out}")
+            raise FederationProcessError(f"run {run_id} finished on the SuperLink without writing summary.json "
+                                         f"under {out}")
         time.sleep(1.0)
-    pytest.fail(f"no summary.json under {out} within {deadline_s:.0f} s of submitting run {run_id}")
+    raise FederationProcessError(f"no summary.json under {out} within {deadline_s:.0f} s of submitting run "
+                                 f"{run_id}")
 
 
 def serverapp_log(procs: FlowerProcesses, app_dir: Path, connection: str, run_id: str | None) -> str:
