@@ -126,7 +126,10 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, *,
         num_cooperatives=federation.num_cooperatives,
         expect_custodian=uses_custodian(cfg))
     startup["discovery"] = time.perf_counter() - wall_start - startup["before_nodes"] - startup["wait_for_nodes"]
-    members = member_keys(grid, {**node_to_coop, **({custodian_node: CUSTODIAN_ROLE} if custodian_node is not None else {})})
+    parties: dict[int, int | str] = {**node_to_coop}
+    if custodian_node is not None:
+        parties[custodian_node] = CUSTODIAN_ROLE
+    members = member_keys(grid, parties)
 
     model = build_model(cfg.model.name, input_shape=federation.input_shape,
                         num_classes=federation.num_classes, hidden=cfg.model.hidden, seed=cfg.seed)
