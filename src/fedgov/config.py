@@ -291,9 +291,9 @@ class RuntimeConfig:
                                      "recorded on this machine")
     out: str = _spec("runs", doc="folder under which run directories are made")
     round_timeout: float = _spec(3600.0, low=0.0, low_open=True,
-                                 doc="seconds a round waits for its members' replies before it goes on without "
-                                     "them (Flower's default; a dead SuperNode is also given up once it misses "
-                                     "two heartbeats, about 60 s)")
+                                 doc="seconds a round (each SecAgg+ stage) waits for its members' replies before "
+                                     "it goes on without them (Flower's default; a dead SuperNode is also given "
+                                     "up once it misses two heartbeats, about 60 s)")
     resume: str = _spec("", doc="with `flwr run`: continue this run directory from its checkpoint (after a "
                                 "SuperLink restart: pass the run's resume.toml, which sets it; fedgov.simulate "
                                 "has --resume)")

@@ -101,7 +101,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, RecordDict
@@ -126,9 +126,20 @@ if TYPE_CHECKING:
     from flwr.serverapp import Grid
 
     from ..config import Config
-    from ..run_record import RunRecord
     from ..sampling import CohortSampler
     from ..strategies.recorder import RoundLog
+
+
+class RoundRecord(Protocol):
+    """What the SecAgg+ round loop needs of the run's record (``fedgov.run_record.RunRecord`` is one;
+    named by its shape, so that this module does not import the record that reports on it)."""
+
+    cooperatives: dict[int, dict[str, Any]]
+
+    def add_round(self, log: RoundLog, *, accuracy: float, loss: float,
+                  arrays: ArrayRecord | None = None) -> dict[str, Any]: ...
+
+    def save_checkpoint(self, arrays: ArrayRecord) -> None: ...
 
 __all__ = [
     "MODULUS_RANGE",
@@ -143,7 +154,6 @@ __all__ = [
 
 # Flower's default: masks and sums live in the integers modulo 2**32.
 MODULUS_RANGE = 2**32
-TIMEOUT_SECONDS = 3600.0  # per stage, as Flower's Strategy.start waits per round
 STAGES: tuple[str, ...] = tuple(Stage.all())  # setup, share_keys, collect_masked_vectors, unmask
 
 # Key fedgov adds to the legacy FitIns config (scalars only: legacy configs hold no lists).
@@ -452,7 +462,7 @@ def _named(parameters: Parameters, names: Sequence[str], templates: Sequence[np.
 
 
 def run_secagg_rounds(grid: Grid, cfg: Config, *, initial_arrays: ArrayRecord, node_to_cooperative: Mapping[int, int],
-                      sampler: CohortSampler, record: RunRecord,
+                      sampler: CohortSampler, record: RoundRecord,
                       evaluate_fn: Callable[[ArrayRecord], tuple[float, float]], round_offset: int = 0,
                       on_round: Callable[[dict[str, Any]], None] | None = None) -> ArrayRecord:
     """Train ``cfg.train.rounds - round_offset`` rounds of FedAvg with Flower's SecAgg+; return the model.
@@ -482,7 +492,8 @@ def run_secagg_rounds(grid: Grid, cfg: Config, *, initial_arrays: ArrayRecord, n
     fit_workflow = _MeasuredSecAggPlus(
         num_shares=s.secagg_num_shares, reconstruction_threshold=s.secagg_threshold,
         clipping_range=s.secagg_clip_range, quantization_range=s.secagg_quantization_range,
-        modulus_range=MODULUS_RANGE, timeout=TIMEOUT_SECONDS, tracker=tracker, sampler=sampler, num_train=num_train)
+        modulus_range=MODULUS_RANGE, timeout=cfg.runtime.round_timeout, tracker=tracker, sampler=sampler,
+        num_train=num_train)
     latest = {"arrays": initial_arrays}
 
     def evaluate_and_record(_grid: Any, context: LegacyContext) -> None:
@@ -503,7 +514,7 @@ def run_secagg_rounds(grid: Grid, cfg: Config, *, initial_arrays: ArrayRecord, n
         messages = [Message(content=RecordDict({"arrays": arrays, "config": config}), message_type=MessageType.EVALUATE,
                             dst_node_id=node, group_id=str(log.round))
                     for node in sorted(tracker.node_to_cooperative) if evaluating]
-        for reply in grid.send_and_receive(messages, timeout=TIMEOUT_SECONDS):
+        for reply in grid.send_and_receive(messages, timeout=cfg.runtime.round_timeout):
             if not reply.has_error():
                 coop = tracker.cooperative(reply.metadata.src_node_id)
                 log.client_eval[coop] = {k: v for r in reply.content.metric_records.values() for k, v in r.items()
