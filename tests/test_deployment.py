@@ -26,7 +26,7 @@ from fedgov.config import load_config
 from fedgov.results import read_json, read_jsonl
 
 from fedgov.bench.flower_processes import (FlowerProcesses, Started, flower_bin, flower_environment, flwr_run,
-                                           serverapp_log, tail, wait_for_summary, write_connection)
+                                           wait_for_summary, write_connection)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONNECTION = "fedgov-test"
@@ -63,8 +63,7 @@ def test_two_cooperatives_on_the_deployment_engine(tmp_path: Path) -> None:
     out = tmp_path / "runs"
     procs = FlowerProcesses(tmp_path / "logs", env)
     started = time.monotonic()
-    run_id: str | None = None
-    try:
+    with procs.federation(ROOT, CONNECTION):
         superlink, superlink_port = _start_insecure_federation(procs)
         write_connection(Path(env["FLWR_HOME"]), CONNECTION, superlink_port)
         overrides = [f"data.num_cooperatives={NUM_COOPERATIVES}", f"train.rounds={ROUNDS}",
@@ -101,11 +100,3 @@ def test_two_cooperatives_on_the_deployment_engine(tmp_path: Path) -> None:
         assert math.isfinite(summary["final_accuracy"])
         assert summary["final_accuracy"] > MIN_FINAL_ACCURACY, summary["final_accuracy"]
         assert superlink.log.read_text().count("Activated node_id") == NUM_COOPERATIVES
-    except BaseException:
-        print(procs.log_tails())
-        print(f"----- flwr run -----\n{tail(procs.log_dir / 'flwr-run.log')}")
-        print(f"----- flwr log {run_id} (ServerApp) -----\n{serverapp_log(procs, ROOT, CONNECTION, run_id)}")
-        raise
-    finally:
-        leftovers = procs.stop_all()
-    assert not leftovers, f"processes still running after stop_all: {sorted(leftovers)}"

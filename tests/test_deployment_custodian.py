@@ -33,8 +33,7 @@ from fedgov.tls import make_tls_files
 from tests.crypto import test_key_holders as key_holder_checks
 
 from fedgov.bench.flower_processes import (FlowerProcesses, flower_environment, flwr_run, register_supernode,
-                                           serverapp_log, start_member, start_secure_superlink, tail,
-                                           wait_for_summary, write_connection)
+                                           start_member, start_secure_superlink, wait_for_summary, write_connection)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONNECTION = "fedgov-custodian"
@@ -85,7 +84,6 @@ def test_the_custodian_is_its_own_authenticated_party_and_the_aggregator_opens_n
     env = flower_environment(tmp_path)
     out = tmp_path / "runs"
     procs = FlowerProcesses(tmp_path / "logs", env)
-    run_id: str | None = None
     tls = make_tls_files(tmp_path / "tls", ["127.0.0.1", "localhost"])
     provisioned = provision(tmp_path / "provisioned", preset="standard", key_holder="custodian")
     folders = _party_folders(provisioned, tmp_path / "machines")
@@ -98,7 +96,7 @@ def test_the_custodian_is_its_own_authenticated_party_and_the_aggregator_opens_n
     open_log = tmp_path / "opened.tsv"
     parties = ["custodian", *[f"coop-{c}" for c in range(NUM_COOPERATIVES)]]
     keys = {party: make_member_key(tmp_path / "member-keys" / party) for party in parties}
-    try:
+    with procs.federation(ROOT, CONNECTION):
         superlink, port = start_secure_superlink(procs, tls, extra_env={
             "PYTHONPATH": str(hook), OPEN_LOG_VARIABLE: str(open_log)})
         write_connection(Path(env["FLWR_HOME"]), CONNECTION, port, root_certificates=tls.ca_certificate)
@@ -140,11 +138,3 @@ def test_the_custodian_is_its_own_authenticated_party_and_the_aggregator_opens_n
             if path.is_file() and path.stat().st_size < 50_000_000:
                 data = path.read_bytes()
                 assert not any(w in data for w in windows), f"{path} holds secret-key bytes"
-    except BaseException:
-        print(procs.log_tails())
-        print(f"----- flwr run -----\n{tail(procs.log_dir / 'flwr-run.log')}")
-        print(f"----- flwr log {run_id} (ServerApp) -----\n{serverapp_log(procs, ROOT, CONNECTION, run_id)}")
-        raise
-    finally:
-        leftovers = procs.stop_all()
-    assert not leftovers, f"processes still running after stop_all: {sorted(leftovers)}"

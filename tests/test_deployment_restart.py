@@ -29,8 +29,7 @@ from fedgov.tls import make_tls_files
 from tests.privacy import rdp_reference
 
 from fedgov.bench.flower_processes import (FlowerProcesses, flower_environment, flwr_run, register_supernode,
-                                           serverapp_log, start_member, start_secure_superlink, tail,
-                                           wait_for_summary, write_connection)
+                                           start_member, start_secure_superlink, wait_for_summary, write_connection)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONNECTION = "fedgov-restart"
@@ -63,12 +62,11 @@ def test_a_superlink_killed_mid_run_restarts_on_its_database_and_the_run_resumes
     env = flower_environment(tmp_path)
     out = tmp_path / "runs"
     procs = FlowerProcesses(tmp_path / "logs", env)
-    run_id: str | None = None
     tls = make_tls_files(tmp_path / "tls", ["127.0.0.1", "localhost"])
     keys = [make_member_key(tmp_path / "keys" / f"coop-{c}") for c in range(NUM_COOPERATIVES)]
     database = tmp_path / "superlink" / "state.db"
     database.parent.mkdir()
-    try:
+    with procs.federation(ROOT, CONNECTION):
         superlink, port = start_secure_superlink(procs, tls, database=database)
         write_connection(Path(env["FLWR_HOME"]), CONNECTION, port, root_certificates=tls.ca_certificate)
         node_ids = [register_supernode(procs, ROOT, CONNECTION, public) for _, public, _ in keys]
@@ -125,11 +123,3 @@ def test_a_superlink_killed_mid_run_restarts_on_its_database_and_the_run_resumes
         # The restarted SuperLink knew the members from its database: the same nodes, registered once.
         assert [resumes[0]["members"][str(c)]["node_id"] for c in range(NUM_COOPERATIVES)] == node_ids
         assert "RegisterNode" not in superlink.log.read_text()
-    except BaseException:
-        print(procs.log_tails())
-        print(f"----- flwr run -----\n{tail(procs.log_dir / 'flwr-run.log')}")
-        print(f"----- flwr log {run_id} (ServerApp) -----\n{serverapp_log(procs, ROOT, CONNECTION, run_id)}")
-        raise
-    finally:
-        leftovers = procs.stop_all()
-    assert not leftovers, f"processes still running after stop_all: {sorted(leftovers)}"

@@ -38,7 +38,7 @@ from fedgov.results import read_json, read_jsonl
 from fedgov.tls import make_tls_files
 
 from fedgov.bench.flower_processes import (FlowerProcesses, fedgov_test_app, flower_environment, flwr_run,
-                                           register_supernode, serverapp_log, start_member, start_secure_superlink,
+                                           register_supernode, start_member, start_secure_superlink,
                                            tail, wait_for_log, wait_for_summary, write_connection)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,7 +77,6 @@ def test_admitted_members_over_tls_survive_broken_updates_and_a_killed_node(tmp_
     out = tmp_path / "runs"
     procs = FlowerProcesses(tmp_path / "logs", env)
     started = time.monotonic()
-    run_id: str | None = None
     tls = make_tls_files(tmp_path / "tls", ["127.0.0.1", "localhost"])
     keys = [make_member_key(tmp_path / "keys" / f"coop-{c}") for c in range(NUM_COOPERATIVES)]
     unregistered = make_member_key(tmp_path / "keys" / "not-a-member")[0]
@@ -86,7 +85,7 @@ def test_admitted_members_over_tls_survive_broken_updates_and_a_killed_node(tmp_
     def node_config(coop: int) -> str:
         return f"partition-id={coop} num-partitions={NUM_COOPERATIVES}" + (' fault="rounds"' if coop == FAULTY else "")
 
-    try:
+    with procs.federation(app, CONNECTION):
         superlink, port = start_secure_superlink(procs, tls)
         write_connection(Path(env["FLWR_HOME"]), CONNECTION, port, root_certificates=tls.ca_certificate)
         node_ids = [register_supernode(procs, app, CONNECTION, public) for _, public, _ in keys]
@@ -163,11 +162,3 @@ def test_admitted_members_over_tls_survive_broken_updates_and_a_killed_node(tmp_
         lines = {line.split(":", 1)[0]: line for line in verified.stdout.splitlines() if line.startswith("round ")}
         assert lines["round 2"] == f"round 2: 0 {keys[0][2]}", verified.stdout
         assert lines["round 4"] == "round 4: " + ", ".join(f"{c} {keys[c][2]}" for c in range(3)), verified.stdout
-    except BaseException:
-        print(procs.log_tails())
-        print(f"----- flwr run -----\n{tail(procs.log_dir / 'flwr-run.log')}")
-        print(f"----- flwr log {run_id} (ServerApp) -----\n{serverapp_log(procs, app, CONNECTION, run_id)}")
-        raise
-    finally:
-        leftovers = procs.stop_all()
-    assert not leftovers, f"processes still running after stop_all: {sorted(leftovers)}"

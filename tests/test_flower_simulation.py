@@ -22,8 +22,7 @@ import pytest
 from fedgov.config import load_config
 from fedgov.results import read_json, read_jsonl
 
-from fedgov.bench.flower_processes import (FlowerProcesses, flower_bin, flower_environment, flwr_run, serverapp_log,
-                                           tail, wait_for_summary, write_connection)
+from fedgov.bench.flower_processes import (FlowerProcesses, flower_bin, flower_environment, flwr_run, wait_for_summary, write_connection)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONNECTION = "fedgov-sim"
@@ -56,9 +55,8 @@ def test_natural_cooperatives_on_a_simulation_superlink(tmp_path: Path) -> None:
     csv = tmp_path / "sites.csv"
     _write_sites_csv(csv)
     procs = FlowerProcesses(tmp_path / "logs", env)
-    run_id: str | None = None
     started = time.monotonic()
-    try:
+    with procs.federation(ROOT, CONNECTION):
         superlink, port = procs.start_http_service("superlink", lambda port: [
             flower_bin("flower-superlink"), "--insecure", "--simulation",
             "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(port)])
@@ -86,11 +84,3 @@ def test_natural_cooperatives_on_a_simulation_superlink(tmp_path: Path) -> None:
             assert math.isfinite(row["accuracy"]) and row["bytes_up"] > 0, row
         # Separable classes: well above chance (0.5) once trained.
         assert summary["final_accuracy"] > 0.8, summary["final_accuracy"]
-    except BaseException:
-        print(procs.log_tails())
-        print(f"----- flwr run -----\n{tail(procs.log_dir / 'flwr-run.log')}")
-        print(f"----- flwr log {run_id} (ServerApp) -----\n{serverapp_log(procs, ROOT, CONNECTION, run_id)}")
-        raise
-    finally:
-        leftovers = procs.stop_all()
-    assert not leftovers, f"processes still running after stop_all: {sorted(leftovers)}"

@@ -23,7 +23,8 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,6 +191,24 @@ class FlowerProcesses:
         self.env = {**env, MARKER_VARIABLE: self.tag, "PYTHONUNBUFFERED": "1"}
         self.started: list[Started] = []  # the live federation
         self.retired: list[Started] = []  # attempts that died (port taken); still cleaned up
+        self.run_ids: list[str] = []  # runs submitted with flwr_run, in order
+
+    @contextmanager
+    def federation(self, app_dir: Path, connection: str) -> Iterator[FlowerProcesses]:
+        """Around whatever uses these processes: on failure, print every log and the last run's
+        ServerApp output; in any case stop every process, and fail if one outlives that."""
+        try:
+            yield self
+        except BaseException:
+            print(self.log_tails())
+            print(f"----- flwr run -----\n{tail(self.log_dir / 'flwr-run.log')}")
+            run_id = self.run_ids[-1] if self.run_ids else None
+            print(f"----- flwr log {run_id} (ServerApp) -----\n{serverapp_log(self, app_dir, connection, run_id)}")
+            raise
+        finally:
+            leftovers = self.stop_all()
+        if leftovers:
+            raise FederationProcessError(f"processes still running after stop_all: {sorted(leftovers)}")
 
     def start(self, name: str, argv: Sequence[str], *, extra_env: Mapping[str, str] | None = None) -> Started:
         log = self.log_dir / f"{name}.log"
@@ -437,6 +456,7 @@ def flwr_run(procs: FlowerProcesses, app_dir: Path, connection: str, *, run_conf
     if not reply.get("success") or not reply.get("run-id"):
         raise FederationProcessError(f"flwr run did not submit the run (exit {result.returncode}):\n"
                     f"{result.stdout}\n{result.stderr}")
+    procs.run_ids.append(str(reply["run-id"]))
     return str(reply["run-id"])
 
 
