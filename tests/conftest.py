@@ -66,18 +66,3 @@ def live_processes(field: int, value: int) -> list[int]:
 def simulate():
     return run_simulate
 
-
-# Test files that start real Flower processes (a SuperLink, SuperNodes, Ray) take minutes each,
-# much of it waiting on those processes. They go first, so that the other files fill the
-# workers beside them instead of the suite waiting for them at the end (pytest-xdist's loadfile
-# hands out files in collection order).
-LONG_FILES = ("test_deployment_secure.py", "test_deployment_restart.py", "test_deployment_custodian.py",
-              "test_flower_simulation.py", "test_equivalence.py", "test_ray_cluster.py", "test_deployment.py")
-
-
-def pytest_collection_modifyitems(config, items):  # noqa: ANN001, ARG001
-    def rank(item) -> int:  # noqa: ANN001
-        name = Path(str(item.fspath)).name
-        return LONG_FILES.index(name) if name in LONG_FILES else len(LONG_FILES)
-
-    items.sort(key=rank)  # stable: the order within each file and among the others is kept
