@@ -107,11 +107,3 @@ def test_cli_data_problem_exits_2_naming_the_file(tmp_path):
     assert proc.returncode == 2
     assert "missing.csv" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
-
-
-def test_readme_documents_every_config_key():
-    from fedgov.config import reference_rows
-
-    readme = (ROOT / "README.md").read_text()
-    missing = [key for key, _, _ in reference_rows() if f"`{key}`" not in readme]
-    assert not missing, f"README.md's configuration table lacks {missing} (regenerate with python -m fedgov.config)"

@@ -648,7 +648,7 @@ def read_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
 
 
 def reference_rows() -> list[tuple[str, Any, str]]:
-    """(dotted key, default, description) for every key: the README's config table comes from here."""
+    """(dotted key, default, description) for every key: the site's configuration reference comes from here."""
     rows: list[tuple[str, Any, str]] = []
 
     def walk(cls: type, prefix: str) -> None:
@@ -690,7 +690,7 @@ def main(argv: typing.Sequence[str] | None = None) -> int:
 
     p = ArgumentParser(prog="python -m fedgov.config",
                        description="Print every config key with its default and meaning (a Markdown table), "
-                                   "as the README shows it.")
+                                   "as the documentation's configuration reference shows it.")
     p.add_argument("--sync-pyproject", nargs="?", type=Path, const=DEFAULT_CONFIG_PATH.parents[1] / "pyproject.toml",
                    default=None, metavar="PYPROJECT",
                    help="instead, rewrite the [tool.flwr.app.config] tables of PYPROJECT (default: the "
