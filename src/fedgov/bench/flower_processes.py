@@ -28,6 +28,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import process_table
+
 __all__ = ["FederationProcessError", "FlowerProcesses", "Started", "free_ports", "flower_bin", "tail",
            "flower_environment", "write_connection", "flwr_run", "wait_for_summary", "serverapp_log",
            "register_supernode", "wait_for_log", "start_secure_superlink", "start_member", "fedgov_test_app"]
@@ -87,59 +89,6 @@ def _http_ok(url: str, cafile: Path | None = None) -> bool:
         return False
 
 
-def _parent_pids() -> dict[int, int]:
-    """pid -> ppid for every process visible in /proc (empty where there is no /proc)."""
-    parents: dict[int, int] = {}
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return parents
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # The command name (2nd field) is in parentheses and may contain spaces.
-        fields = stat[stat.rfind(")") + 2:].split()
-        if len(fields) > 1:
-            parents[int(entry.name)] = int(fields[1])
-    return parents
-
-
-def _descendants(roots: Sequence[int]) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for pid, ppid in _parent_pids().items():
-        children.setdefault(ppid, []).append(pid)
-    found: set[int] = set()
-    stack = list(roots)
-    while stack:
-        for child in children.get(stack.pop(), []):
-            if child not in found:
-                found.add(child)
-                stack.append(child)
-    return found
-
-
-def _tagged(tag: str) -> set[int]:
-    """PIDs of live processes whose environment carries ``MARKER_VARIABLE=tag``."""
-    needle = f"{MARKER_VARIABLE}={tag}".encode()
-    found: set[int] = set()
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return found
-    for entry in proc.iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes()
-        except OSError:
-            continue
-        if needle in environ.split(b"\0"):
-            found.add(int(entry.name))
-    return found
-
-
 def _signal(pid: int, sig: int) -> None:
     try:
         os.kill(pid, sig)
@@ -152,22 +101,6 @@ def _signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-def _alive(pid: int) -> bool:
-    """True for a running process; a zombie (exited, not yet reaped) counts as gone."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text()
-        return state[state.rfind(")") + 2:].split()[0] != "Z"
-    except OSError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return not Path("/proc").is_dir()
 
 
 @dataclass
@@ -262,7 +195,7 @@ class FlowerProcesses:
 
     def kill(self, started: Started) -> None:
         """SIGKILL a process and everything it spawned at once, as when its machine dies."""
-        pids = {started.pid} | _descendants([started.pid])
+        pids = {started.pid} | process_table.descendants([started.pid])
         for pid in pids:
             _signal(pid, signal.SIGSTOP)  # freeze the tree first, so that no child outlives its parent's kill
         for pid in pids:
@@ -271,13 +204,14 @@ class FlowerProcesses:
         self.retire(started)
 
     def leftovers(self) -> set[int]:
-        return {pid for pid in _tagged(self.tag) if _alive(pid)}
+        return {pid for pid in process_table.tagged(MARKER_VARIABLE, self.tag) if process_table.alive(pid)}
 
     def stop_all(self, grace: float = 10.0) -> set[int]:
         """Stop everything started here and everything it spawned; return PIDs still alive."""
         everything = self.retired + self.started
         roots = [s.pid for s in everything]
-        targets = {pid for pid in set(roots) | _descendants(roots) | _tagged(self.tag) if _alive(pid)}
+        found = set(roots) | process_table.descendants(roots) | process_table.tagged(MARKER_VARIABLE, self.tag)
+        targets = {pid for pid in found if process_table.alive(pid)}
         groups = set()
         for pid in targets:
             try:

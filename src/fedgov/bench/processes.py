@@ -3,11 +3,11 @@
 A simulation is not one process: Ray starts a GCS server, a raylet, workers and its
 helpers, some of them in sessions of their own. Each inherits the environment, so the
 command runs with a unique marker variable and every live process that carries it is
-counted, sampled a few times a second, two ways: the sum of resident set sizes (RSS), in
-which a page shared by several processes (a forked worker's copy of the server's data,
-say) counts once per process, and the sum of proportional set sizes (PSS, from
-``smaps_rollup``), in which it counts once in all: the memory the command holds. Where
-there is no ``/proc`` the peaks are unknown (``None``).
+counted, sampled a few times a second, two ways (``fedgov.process_table``, psutil): the sum of
+resident set sizes (RSS), in which a page shared by several processes (a forked worker's copy
+of the server's data, say) counts once per process, and the sum of proportional set sizes
+(PSS, Linux's ``smaps_rollup``), in which it counts once in all: the memory the command holds.
+Where a platform cannot tell PSS, its peak is unknown (``None``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+
+from .. import process_table
 
 __all__ = ["Measured", "run_measured", "tagged_memory", "tagged_pids", "tagged_rss_bytes"]
 
@@ -39,23 +40,9 @@ class Measured:
     peak_pss_bytes: int | None = None  # the same with shared pages counted once (None: no smaps_rollup)
 
 
-def _tagged(tag: str) -> list[Path]:
-    needle = f"{MARKER}={tag}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if needle in (entry / "environ").read_bytes().split(b"\0"):
-                found.append(entry)
-        except OSError:  # gone, or not ours to read
-            continue
-    return found
-
-
 def tagged_pids(tag: str) -> list[int]:
-    """PIDs of the live processes whose environment carries ``tag`` (none where there is no /proc)."""
-    return [int(entry.name) for entry in _tagged(tag)] if Path("/proc").is_dir() else []
+    """PIDs of the live processes whose environment carries ``tag``."""
+    return sorted(process_table.tagged(MARKER, tag))
 
 
 def tagged_rss_bytes(tag: str) -> tuple[int, int] | None:
@@ -65,46 +52,9 @@ def tagged_rss_bytes(tag: str) -> tuple[int, int] | None:
 
 
 def tagged_memory(tag: str) -> tuple[int, int | None, int] | None:
-    """(total RSS bytes, total PSS bytes or None, processes) of the live processes carrying ``tag``.
-
-    Both come from one read of each process's ``smaps_rollup`` (a process gone meanwhile is
-    skipped); where a kernel has no ``smaps_rollup``, RSS comes from ``status`` and PSS is unknown.
-    """
-    if not Path("/proc").is_dir():
-        return None
-    rss = pss = count = 0
-    pss_known = True
-    for entry in _tagged(tag):
-        try:
-            fields = _fields(entry / "smaps_rollup", ("Rss:", "Pss:"))
-        except FileNotFoundError:  # no smaps_rollup on this kernel (or the process is gone)
-            try:
-                fields = _fields(entry / "status", ("VmRSS:",))
-            except OSError:
-                continue
-            fields = {"Rss:": fields.get("VmRSS:")}
-            pss_known = False
-        except OSError:  # gone, or not ours to read
-            continue
-        if fields.get("Rss:") is None:  # a kernel thread, or gone between two reads
-            continue
-        rss += fields["Rss:"]
-        count += 1
-        if fields.get("Pss:") is None:
-            pss_known = False
-        else:
-            pss += fields["Pss:"]
-    return rss, (pss if pss_known else None), count
-
-
-def _fields(path: Path, names: tuple[str, ...]) -> dict[str, int]:
-    """The named ``kB`` fields of a /proc file, in bytes."""
-    out: dict[str, int] = {}
-    for line in path.read_text().splitlines():
-        name = line.split(":", 1)[0] + ":"
-        if name in names:
-            out[name] = int(line.split()[1]) * 1024
-    return out
+    """(total RSS bytes, total PSS bytes or None, processes) of the live processes carrying ``tag``
+    (PSS is None where the platform cannot tell it: ``fedgov.process_table.memory``)."""
+    return process_table.memory(process_table.tagged(MARKER, tag))
 
 
 def run_measured(argv: Sequence[str], *, env: Mapping[str, str] | None = None, timeout: float | None = None,

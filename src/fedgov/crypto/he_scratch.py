@@ -34,6 +34,8 @@ import tempfile
 import threading
 from typing import Any
 
+from .. import process_table
+
 try:
     import fcntl
 except ImportError:  # not POSIX: the PID check alone decides
@@ -69,20 +71,7 @@ def scratch_base() -> str:
 
 def _is_alive(pid: int) -> bool:
     """Whether process ``pid`` is running (a zombie is not; a PID of another user's is)."""
-    if pid <= 0:
-        return True  # not one of our names: never treat it as dead
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # Linux: a killed child nobody has reaped yet is a zombie, dead for good
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-        return state not in (b"Z", b"X")
-    except (OSError, IndexError):
-        return True
+    return pid <= 0 or process_table.alive(pid)  # a PID <= 0 is not one of our names: never dead
 
 
 def _lock_held(folder: str) -> tuple[bool, int | None]:
