@@ -13,12 +13,20 @@ import dataclasses
 import hashlib
 import json
 import sys
+import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomllib
+from .config_checks import (  # noqa: F401
+    ROBUST_STRATEGIES,
+    check_config,
+    cohort_size,
+    parse_tiers,
+    secagg_cohort_problem,
+)
+from .config_schema import ConfigError, build_dataclass, flatten, spec, unflatten
 
 __all__ = [
     "Config",
@@ -42,60 +50,49 @@ __all__ = [
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parents[2] / "configs" / "default.toml"
 
 
-class ConfigError(ValueError):
-    """A config problem, phrased as one line that names the key (and file)."""
-
-
-def _spec(default: Any, *, choices: tuple | None = None, low: float | None = None,
-          high: float | None = None, low_open: bool = False, doc: str = "") -> Any:
-    """A dataclass field carrying its validation rule."""
-    meta = {"choices": choices, "low": low, "high": high, "low_open": low_open, "doc": doc}
-    return field(default=default, metadata=meta)
-
-
 @dataclass
 class DataConfig:
-    dataset: str = _spec("digits", choices=("digits", "breast_cancer", "synthetic", "csv"),
+    dataset: str = spec("digits", choices=("digits", "breast_cancer", "synthetic", "csv"),
                          doc="which data the cooperatives hold")
-    partition: str = _spec("dirichlet", choices=("iid", "dirichlet", "powerlaw", "natural"),
+    partition: str = spec("dirichlet", choices=("iid", "dirichlet", "powerlaw", "natural"),
                            doc="how the data is split into cooperatives")
-    num_cooperatives: int = _spec(10, low=1, high=1_000_000,
+    num_cooperatives: int = spec(10, low=1, high=1_000_000,
                                   doc="number of cooperatives (clients); a CSV's natural partition sets it from the data")
-    alpha: float = _spec(0.5, low=0.0, low_open=True, doc="Dirichlet concentration (label skew)")
-    powerlaw_exponent: float = _spec(1.5, low=0.0, low_open=True,
+    alpha: float = spec(0.5, low=0.0, low_open=True, doc="Dirichlet concentration (label skew)")
+    powerlaw_exponent: float = spec(1.5, low=0.0, low_open=True,
                                      doc="size skew of the powerlaw partition: larger = whalier")
-    min_examples: int = _spec(10, low=1, doc="fewest training examples any cooperative holds")
-    test_fraction: float = _spec(0.2, low=0.0, high=0.9, low_open=True,
+    min_examples: int = spec(10, low=1, doc="fewest training examples any cooperative holds")
+    test_fraction: float = spec(0.2, low=0.0, high=0.9, low_open=True,
                                  doc="share of all data held out as the global test set")
-    local_test_fraction: float = _spec(0.2, low=0.0, high=0.9, low_open=True,
+    local_test_fraction: float = spec(0.2, low=0.0, high=0.9, low_open=True,
                                        doc="share of each cooperative's data kept as its local test split")
-    path: str = _spec("", doc="CSV file (dataset = 'csv')")
-    label_column: str = _spec("label", doc="CSV column holding the class label")
-    cooperative_column: str = _spec("", doc="CSV column naming each row's cooperative (natural partition): one "
+    path: str = spec("", doc="CSV file (dataset = 'csv')")
+    label_column: str = spec("label", doc="CSV column holding the class label")
+    cooperative_column: str = spec("", doc="CSV column naming each row's cooperative (natural partition): one "
                                             "cooperative per distinct value, in sorted order, named after it")
-    synthetic_alpha: float = _spec(1.0, low=0.0, doc="Synthetic(alpha, beta): model heterogeneity")
-    synthetic_beta: float = _spec(1.0, low=0.0, doc="Synthetic(alpha, beta): feature heterogeneity")
-    synthetic_iid: bool = _spec(False, doc="Synthetic-IID of FedProx (data/synthetic_iid/generate_iid.py): one "
+    synthetic_alpha: float = spec(1.0, low=0.0, doc="Synthetic(alpha, beta): model heterogeneity")
+    synthetic_beta: float = spec(1.0, low=0.0, doc="Synthetic(alpha, beta): feature heterogeneity")
+    synthetic_iid: bool = spec(False, doc="Synthetic-IID of FedProx (data/synthetic_iid/generate_iid.py): one "
                                            "W and b for every device and x ~ N(0, diag(j^-1.2)), so the task is "
                                            "one linear rule (synthetic_alpha and synthetic_beta unused)")
-    synthetic_reference: bool = _spec(False, doc="Synthetic as the FedProx / q-FFL reference scripts make it "
+    synthetic_reference: bool = spec(False, doc="Synthetic as the FedProx / q-FFL reference scripts make it "
                                                  "(litian96/FedProx data/synthetic_*/generate_*.py): device sizes "
                                                  "int(lognormal(4, 2)) + 50 (synthetic_samples unused), numpy's legacy "
                                                  "generator seeded with the data seed, and a random split of each "
                                                  "device, local_test_fraction held out; the test set is the union of "
                                                  "the devices' test splits (test_fraction unused). Needs "
                                                  "partition = 'natural'")
-    synthetic_features: int = _spec(60, low=1, doc="Synthetic: input dimension")
-    synthetic_classes: int = _spec(10, low=2, doc="Synthetic: number of classes")
-    synthetic_samples: int = _spec(4000, low=10, doc="Synthetic: total examples over all cooperatives")
-    seed: int = _spec(-1, low=-1, doc="the data seed: fixes the dataset (synthetic draws), the global test set and "
+    synthetic_features: int = spec(60, low=1, doc="Synthetic: input dimension")
+    synthetic_classes: int = spec(10, low=2, doc="Synthetic: number of classes")
+    synthetic_samples: int = spec(4000, low=10, doc="Synthetic: total examples over all cooperatives")
+    seed: int = spec(-1, low=-1, doc="the data seed: fixes the dataset (synthetic draws), the global test set and "
                                       "the partition, so one federation can be rerun under many run seeds "
                                       "(-1: the run's seed)")
-    sybil_identities: int = _spec(0, low=0, high=10_000,
+    sybil_identities: int = spec(0, low=0, high=10_000,
                                   doc="extra identities one actor registers (0: none); they join as cooperatives "
                                       "num_cooperatives, num_cooperatives + 1, ...")
-    sybil_actor: int = _spec(-1, low=-1, doc="the cooperative behind the extra identities (-1: the largest)")
-    sybil_mode: str = _spec("split", choices=("split", "copies", "none"),
+    sybil_actor: int = spec(-1, low=-1, doc="the cooperative behind the extra identities (-1: the largest)")
+    sybil_mode: str = spec("split", choices=("split", "copies", "none"),
                             doc="split: the actor's data is dealt across itself and its identities; copies: each "
                                 "identity holds a copy of the actor's data; none: no extra identities whatever "
                                 "data.sybil_identities says (an experiment's no-sybil baseline)")
@@ -103,39 +100,39 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = _spec("mlp", choices=("logreg", "mlp", "cnn"), doc="model architecture")
-    hidden: int = _spec(64, low=1, doc="hidden width of the MLP / channels of the CNN")
+    name: str = spec("mlp", choices=("logreg", "mlp", "cnn"), doc="model architecture")
+    hidden: int = spec(64, low=1, doc="hidden width of the MLP / channels of the CNN")
 
 
 @dataclass
 class TrainConfig:
-    rounds: int = _spec(20, low=1, doc="federated rounds")
-    local_epochs: int = _spec(2, low=1, doc="local epochs per round")
-    batch_size: int = _spec(16, low=1, doc="local mini-batch size")
-    lr: float = _spec(0.05, low=0.0, low_open=True, doc="local SGD learning rate")
-    momentum: float = _spec(0.9, low=0.0, high=0.999, doc="local SGD momentum")
-    evaluate_every: int = _spec(0, low=0, doc="every cooperative evaluates the global model on its local test split "
+    rounds: int = spec(20, low=1, doc="federated rounds")
+    local_epochs: int = spec(2, low=1, doc="local epochs per round")
+    batch_size: int = spec(16, low=1, doc="local mini-batch size")
+    lr: float = spec(0.05, low=0.0, low_open=True, doc="local SGD learning rate")
+    momentum: float = spec(0.9, low=0.0, high=0.999, doc="local SGD momentum")
+    evaluate_every: int = spec(0, low=0, doc="every cooperative evaluates the global model on its local test split "
                                               "every this many rounds, and after the last (0: every round up to "
                                               "100 cooperatives, else every 10; the global test set: every round)")
 
 
 @dataclass
 class StrategyConfig:
-    name: str = _spec("fedavg", choices=("fedavg", "fedprox", "median", "trimmed_mean", "krum",
+    name: str = spec("fedavg", choices=("fedavg", "fedprox", "median", "trimmed_mean", "krum",
                                          "multikrum", "bulyan", "qfedavg"),
                       doc="aggregation strategy (Flower's implementations)")
-    fraction_train: float = _spec(1.0, low=0.0, high=1.0, low_open=True,
+    fraction_train: float = spec(1.0, low=0.0, high=1.0, low_open=True,
                                   doc="share of cooperatives sampled each round")
-    clients_per_round: int = _spec(0, low=0, doc="exactly this many cooperatives sampled each round, as the "
+    clients_per_round: int = spec(0, low=0, doc="exactly this many cooperatives sampled each round, as the "
                                                  "FedProx and q-FFL papers do (0: fraction_train decides)")
-    sampling: str = _spec("uniform", choices=("uniform", "size"),
+    sampling: str = spec("uniform", choices=("uniform", "size"),
                           doc="how the cohort is drawn, without replacement: uniformly (the FedProx code), or with "
                               "probability proportional to training examples (q-FFL's sampling 2, FedProx's "
                               "Algorithm 1: pair it with governance.weighting = 'equal' for their plain average)")
-    proximal_mu: float = _spec(0.01, low=0.0, doc="FedProx proximal term")
-    trim_beta: float = _spec(0.2, low=0.0, high=0.49, doc="trimmed mean: share cut at each end")
-    num_malicious: int = _spec(0, low=0, doc="Krum/Bulyan: assumed number of attackers")
-    qfedavg_q: float = _spec(0.2, low=0.0, doc="q-FedAvg fairness parameter")
+    proximal_mu: float = spec(0.01, low=0.0, doc="FedProx proximal term")
+    trim_beta: float = spec(0.2, low=0.0, high=0.49, doc="trimmed mean: share cut at each end")
+    num_malicious: int = spec(0, low=0, doc="Krum/Bulyan: assumed number of attackers")
+    qfedavg_q: float = spec(0.2, low=0.0, doc="q-FedAvg fairness parameter")
 
     def cohort_size(self, population: int) -> int:
         """How many of ``population`` cooperatives this strategy samples a round (see :func:`cohort_size`)."""
@@ -144,126 +141,126 @@ class StrategyConfig:
 
 @dataclass
 class PrivacyConfig:
-    dp: str = _spec("off", choices=("off", "sample", "user"),
+    dp: str = spec("off", choices=("off", "sample", "user"),
                     doc="differential privacy: per example in each cooperative (Opacus DP-SGD) or per cooperative (central)")
-    target_epsilon: float = _spec(0.0, low=0.0,
+    target_epsilon: float = spec(0.0, low=0.0,
                                   doc="epsilon budget for the whole run; the noise is derived from it (0 = none)")
-    noise_multiplier: float = _spec(0.0, low=0.0,
+    noise_multiplier: float = spec(0.0, low=0.0,
                                     doc="noise multiplier; 0 = derive from target_epsilon")
-    delta: float = _spec(0.0, low=0.0, high=0.1,
+    delta: float = spec(0.0, low=0.0, high=0.1,
                          doc="delta; 0 = 1/(10 n), below 1/n of each cooperative (or of the cooperatives for 'user')")
-    max_grad_norm: float = _spec(1.0, low=0.0, low_open=True, doc="per-example gradient clipping bound (dp = 'sample')")
-    grad_sample_mode: str = _spec("hooks", choices=("hooks", "functorch", "ghost"),
+    max_grad_norm: float = spec(1.0, low=0.0, low_open=True, doc="per-example gradient clipping bound (dp = 'sample')")
+    grad_sample_mode: str = spec("hooks", choices=("hooks", "functorch", "ghost"),
                                   doc="how Opacus computes per-example gradients ('ghost' = ghost clipping)")
-    seeded_noise: bool = _spec(False, doc="DP-SGD noise and sampling from the seed (reproducible research runs) "
+    seeded_noise: bool = spec(False, doc="DP-SGD noise and sampling from the seed (reproducible research runs) "
                                           "instead of the OS's randomness; the guarantee then holds only against "
                                           "parties without the config")
-    update_clip_norm: float = _spec(1.0, low=0.0, low_open=True,
+    update_clip_norm: float = spec(1.0, low=0.0, low_open=True,
                                     doc="clipping bound of each cooperative's update (dp = 'user')")
-    clipping_side: str = _spec("server", choices=("server", "client"),
+    clipping_side: str = spec("server", choices=("server", "client"),
                                doc="where updates are clipped for dp = 'user' (Flower's fixed-clipping wrappers)")
 
 
 @dataclass
 class SecureConfig:
-    aggregation: str = _spec("off", choices=("off", "he", "secagg+"),
+    aggregation: str = spec("off", choices=("off", "he", "secagg+"),
                              doc="hide individual updates from the aggregator: TenSEAL CKKS/BFV or Flower's SecAgg+")
-    preset: str = _spec("standard", doc="HE parameter preset (see docs/he_presets.md)")
-    key_holder: str = _spec("clients", choices=("clients", "custodian"),
+    preset: str = spec("standard", doc="HE parameter preset (see docs/he_presets.md)")
+    key_holder: str = spec("clients", choices=("clients", "custodian"),
                             doc="who can decrypt aggregates: the cooperatives, or a separate oversight custodian")
-    key_dir: str = _spec("", doc="folder of provisioned HE keys (python -m fedgov.crypto.keys); "
+    key_dir: str = spec("", doc="folder of provisioned HE keys (python -m fedgov.crypto.keys); "
                               "simulate makes one in the run directory")
-    verify: bool = _spec(False, doc="measurement only: every cooperative also sends its plaintext update, so the "
+    verify: bool = spec(False, doc="measurement only: every cooperative also sends its plaintext update, so the "
                                     "aggregator sees each one (marked reveals_updates), to record the max abs "
                                     "error of secure aggregation")
-    secagg_num_shares: int = _spec(3, low=2, doc="SecAgg+: shares of each secret (neighbours per client)")
-    secagg_threshold: int = _spec(2, low=1, doc="SecAgg+: shares needed to reconstruct a secret")
-    secagg_clip_range: float = _spec(8.0, low=0.0, low_open=True, doc="SecAgg+: updates are clipped to +-this before quantization")
-    secagg_quantization_range: int = _spec(4194304, low=2, doc="SecAgg+: number of quantization levels")
+    secagg_num_shares: int = spec(3, low=2, doc="SecAgg+: shares of each secret (neighbours per client)")
+    secagg_threshold: int = spec(2, low=1, doc="SecAgg+: shares needed to reconstruct a secret")
+    secagg_clip_range: float = spec(8.0, low=0.0, low_open=True, doc="SecAgg+: updates are clipped to +-this before quantization")
+    secagg_quantization_range: int = spec(4194304, low=2, doc="SecAgg+: number of quantization levels")
 
 
 @dataclass
 class GovernanceConfig:
-    weighting: str = _spec("samples", choices=("samples", "equal", "sqrt", "capped", "stake"),
+    weighting: str = spec("samples", choices=("samples", "equal", "sqrt", "capped", "stake"),
                            doc="aggregation weight of each cooperative: by data size (FedAvg), one cooperative "
                                "one vote, square root of size, size capped at governance.cap, or by stake "
                                "(governance.stake; a DAO's token vote)")
-    cap: float = _spec(0.2, low=0.0, high=1.0, low_open=True,
+    cap: float = spec(0.2, low=0.0, high=1.0, low_open=True,
                        doc="largest share of the total weight one cooperative may hold (weighting = 'capped')")
-    stake: str = _spec("pareto", choices=("pareto", "size"),
+    stake: str = spec("pareto", choices=("pareto", "size"),
                        doc="weighting = 'stake': each actor's stake, drawn from a Pareto distribution "
                            "(governance.stake_shape) independently of its data, or equal to its number of "
                            "training examples; an actor's identities share its stake")
-    stake_shape: float = _spec(1.16, low=0.0, low_open=True,
+    stake_shape: float = spec(1.16, low=0.0, low_open=True,
                                doc="shape of the Pareto stakes (1.16: the top 20% hold about 80%; smaller is "
                                    "more unequal)")
-    registrar: str = _spec("", doc="a party outside the federation that verifies identities before they are "
+    registrar: str = spec("", doc="a party outside the federation that verifies identities before they are "
                                    "weighted, named in the audit log ('' = none: anyone may register identities)")
-    registrar_catch: float = _spec(0.0, low=0.0, high=1.0,
+    registrar_catch: float = spec(0.0, low=0.0, high=1.0,
                                    doc="chance that governance.registrar sees through each sybil identity, "
                                        "which is then merged into its actor before weighting")
-    max_update_norm: float = _spec(1000.0, low=0.0,
+    max_update_norm: float = spec(1000.0, low=0.0,
                                    doc="reject a plaintext update whose change to the global model has a larger "
                                        "L2 norm, as malformed (0 = no bound)")
-    clip_update_norm: float = _spec(0.0, low=0.0,
+    clip_update_norm: float = spec(0.0, low=0.0,
                                     doc="defense: clip each plaintext update's change to this L2 norm before "
                                         "aggregating (0 = off)")
-    similarity_defense: bool = _spec(False, doc="defense against sybils (FoolsGold-style): scale each plaintext "
+    similarity_defense: bool = spec(False, doc="defense against sybils (FoolsGold-style): scale each plaintext "
                                                 "update's weight by 1 - its highest cosine similarity to another "
                                                 "update of the round, the least similar keeping its full weight")
-    retain_updates: bool = _spec(True, doc="keep every received update (the ciphertext under HE) with the run, "
+    retain_updates: bool = spec(True, doc="keep every received update (the ciphertext under HE) with the run, "
                                            "for python -m fedgov.audit trace")
-    board_size: int = _spec(5, low=2, high=255, doc="HE escrow: members of the oversight board holding key shares")
-    board_threshold: int = _spec(3, low=2, high=255,
+    board_size: int = spec(5, low=2, high=255, doc="HE escrow: members of the oversight board holding key shares")
+    board_threshold: int = spec(3, low=2, high=255,
                                  doc="HE escrow: board shares needed to decrypt individual updates")
 
 
 @dataclass
 class AttackConfig:
-    kind: str = _spec("off", choices=("off", "label_flip", "backdoor", "model_replacement", "noise"),
+    kind: str = spec("off", choices=("off", "label_flip", "backdoor", "model_replacement", "noise"),
                       doc="what malicious cooperatives do")
-    fraction: float = _spec(0.0, low=0.0, high=1.0, doc="share of cooperatives that are malicious (seeded choice)")
-    cooperatives: str = _spec("", doc="comma-separated ids of the malicious cooperatives (overrides attack.fraction)")
-    start_round: int = _spec(1, low=1, doc="first round of the attack; before it attackers behave honestly (sleepers)")
-    target_label: int = _spec(0, low=0, doc="label the backdoor trigger should produce")
-    poison_fraction: float = _spec(0.5, low=0.0, high=1.0, low_open=True,
+    fraction: float = spec(0.0, low=0.0, high=1.0, doc="share of cooperatives that are malicious (seeded choice)")
+    cooperatives: str = spec("", doc="comma-separated ids of the malicious cooperatives (overrides attack.fraction)")
+    start_round: int = spec(1, low=1, doc="first round of the attack; before it attackers behave honestly (sleepers)")
+    target_label: int = spec(0, low=0, doc="label the backdoor trigger should produce")
+    poison_fraction: float = spec(0.5, low=0.0, high=1.0, low_open=True,
                                    doc="backdoor: triggered copies added, as a share of the attacker's examples")
-    trigger_size: int = _spec(4, low=1, doc="backdoor: pixels (features) the trigger sets")
-    boost: float = _spec(0.0, low=0.0, doc="model_replacement: update scale (0 = cohort size / attackers)")
-    noise_std: float = _spec(1.0, low=0.0, low_open=True, doc="noise: std of the noise sent instead of an update")
-    size_claim: float = _spec(1.0, low=0.0, low_open=True,
+    trigger_size: int = spec(4, low=1, doc="backdoor: pixels (features) the trigger sets")
+    boost: float = spec(0.0, low=0.0, doc="model_replacement: update scale (0 = cohort size / attackers)")
+    noise_std: float = spec(1.0, low=0.0, low_open=True, doc="noise: std of the noise sent instead of an update")
+    size_claim: float = spec(1.0, low=0.0, low_open=True,
                               doc="factor by which malicious cooperatives overstate their data size (1 = honest)")
 
 
 @dataclass
 class HeterogeneityConfig:
-    compute: str = _spec("off", choices=("off", "tiers", "lognormal"),
+    compute: str = spec("off", choices=("off", "tiers", "lognormal"),
                          doc="cooperatives' compute speeds: all equal, tiers (heterogeneity.tiers) or log-normal")
-    tiers: str = _spec("1.0,0.3,0.1", doc="comma-separated relative speeds; cooperatives are dealt to tiers "
+    tiers: str = spec("1.0,0.3,0.1", doc="comma-separated relative speeds; cooperatives are dealt to tiers "
                                           "in a seeded order")
-    sigma: float = _spec(1.0, low=0.0, low_open=True, doc="spread of log-normal speeds (std of the log)")
-    step_seconds: float = _spec(0.02, low=0.0, low_open=True,
+    sigma: float = spec(1.0, low=0.0, low_open=True, doc="spread of log-normal speeds (std of the log)")
+    step_seconds: float = spec(0.02, low=0.0, low_open=True,
                                 doc="simulated seconds of one local training step at speed 1")
-    deadline: float = _spec(0.0, low=0.0, doc="round deadline in simulated seconds: slower cooperatives miss "
+    deadline: float = spec(0.0, low=0.0, doc="round deadline in simulated seconds: slower cooperatives miss "
                                               "the round (0 = none)")
-    stragglers: float = _spec(0.0, low=0.0, high=1.0,
+    stragglers: float = spec(0.0, low=0.0, high=1.0,
                               doc="FedProx's systems heterogeneity (Li et al., MLSys 2020, section 5.2): this share of "
                                   "each round's cohort are stragglers; round(m (1 - share)) members chosen at random "
                                   "finish train.local_epochs, each straggler manages a uniform 1..local_epochs - 1")
-    straggler_work: str = _spec("drop", choices=("drop", "partial"),
+    straggler_work: str = spec("drop", choices=("drop", "partial"),
                                 doc="what the server does with stragglers: drop them (FedAvg in the paper: the "
                                     "round goes on without them) or keep their partial work (FedProx)")
 
 
 @dataclass
 class ParticipationConfig:
-    model: str = _spec("always", choices=("always", "turnout", "size"),
+    model: str = spec("always", choices=("always", "turnout", "size"),
                        doc="who shows up each round before the server samples strategy.fraction_train of them: "
                            "every member, each with probability participation.turnout, or with a probability "
                            "that grows with its size")
-    turnout: float = _spec(1.0, low=0.0, high=1.0, low_open=True,
+    turnout: float = spec(1.0, low=0.0, high=1.0, low_open=True,
                            doc="mean probability that a member shows up in a round (models turnout and size)")
-    size_exponent: float = _spec(1.0, low=0.0,
+    size_exponent: float = spec(1.0, low=0.0,
                                  doc="model size: a member's probability is proportional to its size to this "
                                      "power (0: all alike; 1: in proportion, large members nearly always, small "
                                      "ones rarely), capped at 1 and scaled so the mean is participation.turnout")
@@ -271,37 +268,37 @@ class ParticipationConfig:
 
 @dataclass
 class RuntimeConfig:
-    device: str = _spec("auto", choices=("auto", "cpu", "cuda"), doc="where clients train")
-    engine: str = _spec("pool", choices=("pool", "flower"),
+    device: str = spec("auto", choices=("auto", "cpu", "cuda"), doc="where clients train")
+    engine: str = spec("pool", choices=("pool", "flower"),
                         doc="simulation engine: 'pool' (fedgov's pool of workers behind Flower's Grid) or "
                             "'flower' (Flower's own run_simulation on Ray)")
-    workers: int = _spec(-1, low=-1, doc="pool engine: worker processes (-1: one per core; 0: every ClientApp in "
+    workers: int = spec(-1, low=-1, doc="pool engine: worker processes (-1: one per core; 0: every ClientApp in "
                                          "the server's own process, for debugging and profiling); with "
                                          "runtime.ray_address, Ray actors (-1: one per client_cpus CPUs)")
-    client_cpus: float = _spec(1.0, low=0.0, low_open=True,
+    client_cpus: float = spec(1.0, low=0.0, low_open=True,
                                doc="CPUs reserved per simulated client (Flower's engine) or per Ray actor of the pool")
-    client_gpu_fraction: float = _spec(0.25, low=0.0, high=1.0,
+    client_gpu_fraction: float = spec(0.25, low=0.0, high=1.0,
                                        doc="GPU share per simulated client (Flower's engine) or per Ray actor of the "
                                            "pool, when training on CUDA")
-    poll_interval: float = _spec(0.005, low=0.0, high=1.0, low_open=True,
+    poll_interval: float = spec(0.005, low=0.0, high=1.0, low_open=True,
                                  doc="Flower's engine: seconds between its grid's polls for replies (Flower's "
                                      "default, 0.1, would quantize every phase time); the pool engine does not poll")
-    ray_address: str = _spec("", doc="an existing Ray cluster to simulate on ('auto' or HOST:PORT of its head); "
+    ray_address: str = spec("", doc="an existing Ray cluster to simulate on ('auto' or HOST:PORT of its head); "
                                      "empty: a local Ray instance of fedgov's own, never a cluster merely "
                                      "recorded on this machine")
-    out: str = _spec("runs", doc="folder under which run directories are made")
-    round_timeout: float = _spec(3600.0, low=0.0, low_open=True,
+    out: str = spec("runs", doc="folder under which run directories are made")
+    round_timeout: float = spec(3600.0, low=0.0, low_open=True,
                                  doc="seconds a round (each SecAgg+ stage) waits for its members' replies before "
                                      "it goes on without them (Flower's default; a dead SuperNode is also given "
                                      "up once it misses two heartbeats, about 60 s)")
-    resume: str = _spec("", doc="with `flwr run`: continue this run directory from its checkpoint (after a "
+    resume: str = spec("", doc="with `flwr run`: continue this run directory from its checkpoint (after a "
                                 "SuperLink restart: pass the run's resume.toml, which sets it; fedgov.simulate "
                                 "has --resume)")
 
 
 @dataclass
 class Config:
-    seed: int = _spec(0, low=0, doc="fixes partitions (unless data.seed is set), initialisation and client sampling")
+    seed: int = spec(0, low=0, doc="fixes partitions (unless data.seed is set), initialisation and client sampling")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -320,12 +317,12 @@ class Config:
 
     def to_flat(self) -> dict[str, Any]:
         """Dotted keys and scalar values, as Flower's ``run_config`` holds them."""
-        return _flatten(self.to_dict())
+        return flatten(self.to_dict())
 
     @classmethod
     def from_flat(cls, flat: typing.Mapping[str, Any], *, source: str = "run_config") -> Config:
         """Rebuild from dotted keys; keys that are not fedgov's are an error."""
-        return build_config(_unflatten(dict(flat)), source=source)
+        return build_config(unflatten(dict(flat)), source=source)
 
     def to_toml(self) -> str:
         import tomli_w
@@ -349,240 +346,10 @@ class Config:
         return Config.from_flat(flat, source="override")
 
 
-# ---- validation ---------------------------------------------------------------
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(key: str, value: Any, tp: Any, where: str) -> Any:
-    # bool is an int subclass in Python; keep them apart so `rounds = true` is an error.
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, float, str, bool) and (type(value) is not tp):
-        raise ConfigError(f"{where}: {key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
-    return value
-
-
-def _check_range(key: str, value: Any, meta: typing.Mapping[str, Any], where: str) -> None:
-    choices = meta.get("choices")
-    if choices and value not in choices:
-        raise ConfigError(f"{where}: {key}: {value!r} is not one of {', '.join(map(str, choices))}")
-    low, high = meta.get("low"), meta.get("high")
-    if low is not None and (value < low or (meta.get("low_open") and value == low)):
-        op = ">" if meta.get("low_open") else ">="
-        raise ConfigError(f"{where}: {key}: {value!r} is out of range (must be {op} {low})")
-    if high is not None and value > high:
-        raise ConfigError(f"{where}: {key}: {value!r} is out of range (must be <= {high})")
-
-
-def _build(cls: type, raw: typing.Mapping[str, Any], prefix: str, where: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in names:
-            raise ConfigError(f"{where}: {prefix}{key}: unknown key")
-    kwargs = {}
-    for name, f in names.items():
-        key = f"{prefix}{name}"
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            sub = raw.get(name, {})
-            if not isinstance(sub, dict):
-                raise ConfigError(f"{where}: {key}: expected a table, got {type(sub).__name__}")
-            kwargs[name] = _build(tp, sub, f"{key}.", where)
-        elif name in raw:
-            value = _coerce(key, raw[name], tp, where)
-            _check_range(key, value, f.metadata, where)
-            kwargs[name] = value
-    return cls(**kwargs)
-
-
-def _cross_check(cfg: Config, where: str) -> None:
-    data = cfg.data
-    if data.dataset == "csv" and not data.path:
-        raise ConfigError(f"{where}: data.path: required when data.dataset = 'csv'")
-    if data.partition == "natural" and data.dataset not in ("csv", "synthetic"):
-        raise ConfigError(f"{where}: data.partition: 'natural' needs a dataset with cooperatives "
-                          f"of its own ('csv' with data.cooperative_column, or 'synthetic')")
-    if data.partition == "natural" and data.dataset == "csv" and not data.cooperative_column:
-        raise ConfigError(f"{where}: data.cooperative_column: required for data.partition = 'natural'")
-    if cfg.heterogeneity.stragglers > 0 and cfg.privacy.dp == "sample":
-        raise ConfigError(f"{where}: heterogeneity.stragglers: not with privacy.dp = 'sample' (DP-SGD's accountant "
-                          f"counts every member's full local epochs)")
-    if data.synthetic_reference and (data.dataset != "synthetic" or data.partition != "natural"):
-        raise ConfigError(f"{where}: data.synthetic_reference: needs data.dataset = 'synthetic' and "
-                          f"data.partition = 'natural' (each reference device is one cooperative)")
-    if data.num_cooperatives < 2 and data.partition != "natural":
-        raise ConfigError(f"{where}: data.num_cooperatives: a federation needs at least 2 cooperatives")
-    privacy, secure = cfg.privacy, cfg.secure
-    if privacy.dp != "off" and privacy.target_epsilon == 0 and privacy.noise_multiplier == 0:
-        raise ConfigError(f"{where}: privacy.target_epsilon: privacy.dp = {privacy.dp!r} needs "
-                          f"privacy.target_epsilon or privacy.noise_multiplier")
-    if privacy.dp == "sample" and cfg.strategy.name in ("fedprox", "qfedavg"):
-        raise ConfigError(f"{where}: strategy.name: {cfg.strategy.name!r} adds a term DP-SGD cannot clip per "
-                          f"example (FedProx's proximal term, q-FedAvg's exact training loss); use fedavg")
-    if secure.aggregation != "off" and cfg.strategy.name in ROBUST_STRATEGIES:
-        raise ConfigError(
-            f"{where}: strategy.name: {cfg.strategy.name!r} cannot run with secure.aggregation = "
-            f"{secure.aggregation!r}: a robust strategy must see every cooperative's update to discard "
-            f"outliers, and secure aggregation exists so that the aggregator sees only their sum "
-            f"(privacy and robustness trade off; use fedavg, fedprox or qfedavg)")
-    if secure.aggregation != "off" and cfg.strategy.name == "qfedavg":
-        raise ConfigError(f"{where}: strategy.name: 'qfedavg' reweights each update by its own loss, "
-                          f"which the aggregator cannot do on hidden updates; use fedavg or fedprox")
-    if secure.aggregation != "off" and privacy.dp == "user":
-        raise ConfigError(f"{where}: privacy.dp: 'user' clips and noises individual updates at the aggregator, "
-                          f"which secure.aggregation = {secure.aggregation!r} hides; use privacy.dp = 'sample'")
-    if secure.aggregation == "he":
-        from .crypto import PRESETS
-
-        if secure.preset not in PRESETS:
-            raise ConfigError(f"{where}: secure.preset: {secure.preset!r} is not one of {', '.join(PRESETS)}")
-    if secure.aggregation == "secagg+":
-        _check_secagg(cfg, where)
-    _check_governance(cfg, where)
-    _check_participation(cfg, where)
-    _check_sybils(cfg, where)
-    if cfg.model.name == "cnn" and data.dataset != "digits":
-        raise ConfigError(f"{where}: model.name: 'cnn' needs image data (data.dataset = 'digits')")
-
-
-def _check_governance(cfg: Config, where: str) -> None:
-    gov, secure = cfg.governance, cfg.secure
-    if gov.board_threshold > gov.board_size:
-        raise ConfigError(f"{where}: governance.board_threshold: {gov.board_threshold} shares cannot be collected "
-                          f"from a board of {gov.board_size} (governance.board_size)")
-    if gov.clip_update_norm > 0 and secure.aggregation != "off":
-        raise ConfigError(f"{where}: governance.clip_update_norm: the aggregator cannot clip updates that "
-                          f"secure.aggregation = {secure.aggregation!r} hides from it")
-    if gov.weighting != "samples" and secure.aggregation == "secagg+":
-        raise ConfigError(f"{where}: governance.weighting: SecAgg+ weights by data size inside the mask; "
-                          f"only 'samples' is available with secure.aggregation = 'secagg+'")
-    if gov.registrar_catch > 0 and not gov.registrar.strip():
-        raise ConfigError(f"{where}: governance.registrar: name the party that verifies identities "
-                          f"(governance.registrar_catch = {gov.registrar_catch:g} needs one)")
-    if gov.registrar_catch > 0 and cfg.privacy.dp == "user":
-        raise ConfigError(f"{where}: governance.registrar_catch: central DP (privacy.dp = 'user') weights every "
-                          f"update equally, so merged identities cannot be weighted as one member")
-    if gov.weighting in ("sqrt", "capped", "stake") and cfg.privacy.dp == "user":
-        raise ConfigError(f"{where}: governance.weighting: central DP (privacy.dp = 'user') is calibrated to an "
-                          f"unweighted mean; use 'equal' (or 'samples', which it turns into 'equal')")
-    # attack.cooperatives is checked against the federation's size once the data is known (fedgov.preflight).
-    if cfg.heterogeneity.compute == "tiers":
-        try:
-            parse_tiers(cfg.heterogeneity.tiers)
-        except ValueError:
-            raise ConfigError(f"{where}: heterogeneity.tiers: {cfg.heterogeneity.tiers!r} is not a comma-separated "
-                              f"list of positive speeds") from None
-
-
-def _check_sybils(cfg: Config, where: str) -> None:
-    if cfg.data.sybil_actor >= 0 and cfg.data.partition != "natural" and cfg.data.sybil_actor >= cfg.data.num_cooperatives:
-        raise ConfigError(f"{where}: data.sybil_actor: {cfg.data.sybil_actor} is not a cooperative "
-                          f"(ids are 0..{cfg.data.num_cooperatives - 1})")
-    if cfg.governance.similarity_defense and cfg.privacy.dp == "user":
-        raise ConfigError(f"{where}: governance.similarity_defense: central DP (privacy.dp = 'user') is calibrated "
-                          f"to an unweighted mean; the defense would change the weights it assumes")
-    if cfg.governance.similarity_defense and cfg.secure.aggregation != "off":
-        raise ConfigError(f"{where}: governance.similarity_defense: compares plaintext updates, which "
-                          f"secure.aggregation = {cfg.secure.aggregation!r} hides from the aggregator")
-
-
-def _check_participation(cfg: Config, where: str) -> None:
-    """A cohort whose size changes from round to round is what two mechanisms cannot take."""
-    if cfg.participation.model == "always":
-        return
-    if cfg.secure.aggregation == "secagg+":
-        raise ConfigError(f"{where}: participation.model: SecAgg+ needs a cohort of a size known in advance; "
-                          f"use 'always' with secure.aggregation = 'secagg+'")
-    if cfg.privacy.dp == "user":
-        raise ConfigError(f"{where}: participation.model: central DP (privacy.dp = 'user') is calibrated to a "
-                          f"fixed cohort size; use 'always' or privacy.dp = 'sample'")
-
-
-def _check_secagg(cfg: Config, where: str) -> None:
-    """What Flower's SecAggPlusWorkflow needs (it rejects or silently halts otherwise)."""
-    secure = cfg.secure
-    if cfg.heterogeneity.stragglers > 0:
-        raise ConfigError(f"{where}: heterogeneity.stragglers: not with SecAgg+, whose rounds sample their own "
-                          f"cohort (set it to 0, or secure.aggregation = 'he')")
-    if secure.secagg_num_shares < 3:
-        raise ConfigError(f"{where}: secure.secagg_num_shares: Flower's SecAgg+ needs at least 3 shares")
-    if not 2 <= secure.secagg_threshold < secure.secagg_num_shares:
-        raise ConfigError(f"{where}: secure.secagg_threshold: must be at least 2 and below "
-                          f"secure.secagg_num_shares ({secure.secagg_num_shares})")
-    if cfg.data.partition != "natural":  # a natural partition's size is known only from the data
-        cohort = cfg.strategy.cohort_size(cfg.data.num_cooperatives)
-        problem = secagg_cohort_problem(secure, cohort)
-        if problem:
-            raise ConfigError(f"{where}: {problem}")
-
-
-def parse_tiers(text: str) -> list[float]:
-    """``"1.0,0.3,0.1"`` -> the tier speeds; ValueError unless all are positive numbers."""
-    speeds = [float(t) for t in text.split(",")]
-    if min(speeds) <= 0:
-        raise ValueError(f"{text!r}: speeds must be positive")
-    return speeds
-
-
-def cohort_size(fraction: float, population: int, count: int = 0) -> int:
-    """How many cooperatives are sampled each round: the one rule every part of fedgov uses.
-
-    ``count`` (strategy.clients_per_round), when set, wins over ``fraction``.
-    """
-    if count > 0:
-        return max(1, min(count, population))
-    return max(1, round(fraction * population))
-
-
-def secagg_cohort_problem(secure: SecureConfig, cohort: int) -> str | None:
-    """Why SecAgg+ cannot run with cohorts of ``cohort`` cooperatives (None if it can)."""
-    if cohort < 2:
-        return f"strategy.fraction_train: SecAgg+ needs at least 2 cooperatives per round, this samples {cohort}"
-    if secure.secagg_threshold > cohort:
-        return (f"secure.secagg_threshold: {secure.secagg_threshold} shares cannot be collected from a cohort "
-                f"of {cohort} cooperatives")
-    if cohort * secure.secagg_quantization_range >= 2**32:
-        return (f"secure.secagg_quantization_range: {cohort} cooperatives x {secure.secagg_quantization_range} "
-                f"levels overflow SecAgg+'s modulus 2**32")
-    return None
-
-
-# Strategies that must see every individual update; secure aggregation hides them.
-ROBUST_STRATEGIES = frozenset({"median", "trimmed_mean", "krum", "multikrum", "bulyan"})
-
-
 def build_config(raw: typing.Mapping[str, Any], *, source: str = "config") -> Config:
-    cfg = _build(Config, raw, "", source)
-    _cross_check(cfg, source)
+    cfg = build_dataclass(Config, raw, "", source)
+    check_config(cfg, source)
     return cfg
-
-
-# ---- flat dotted form ----------------------------------------------------------------
-
-def _flatten(d: typing.Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _unflatten(flat: typing.Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in flat.items():
-        node = out
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"{key}: {p} is a value, not a table")
-        node[leaf] = value
-    return out
 
 
 _DEFAULTS = Config().to_flat()
@@ -634,7 +401,7 @@ def read_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
             raw = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML ({exc})") from None
-    flat = _flatten(raw)
+    flat = flatten(raw)
     for key in flat:
         _check_known(key, str(path))
     # configs/default.toml only spells out the defaults; the user fixes what their own file or --set says.

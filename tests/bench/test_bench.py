@@ -38,7 +38,7 @@ def test_update_shapes_hold_exactly_the_parameters():
 
 
 def test_secagg_masking_cohort_recovers_the_weighted_average():
-    from fedgov.crypto.secagg import MaskingCohort
+    from fedgov.crypto.secagg_masking import MaskingCohort
 
     rng = np.random.default_rng(0)
     cohort = MaskingCohort(5, num_shares=3, threshold=2)

@@ -107,7 +107,7 @@ def _he(preset: str, updates: list[list[np.ndarray]], clients: int, repeat: int,
 def _secagg(updates: list[list[np.ndarray]], clients: int, repeat: int, *, spec: dict[str, Any]) -> dict[str, Any]:
     from flwr.common import bytes_to_ndarray, ndarray_to_bytes
 
-    from ...crypto.secagg import MaskingCohort
+    from ...crypto.secagg_masking import MaskingCohort
 
     cohort = MaskingCohort(clients, num_shares=int(spec.get("secagg_num_shares", 3)),
                            threshold=int(spec.get("secagg_threshold", 2)))
