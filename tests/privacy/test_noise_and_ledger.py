@@ -7,7 +7,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedgov.client_app import _Node
+from fedgov.node import Node
 from fedgov.mechanisms.dp_sgd import train_privately
 from fedgov.config import Config
 from fedgov.data import build_federation
@@ -174,7 +174,7 @@ def _context():
 
 
 def _private_round(cfg, context, round_config):
-    node = _Node(context, cfg)
+    node = Node(context, cfg)
     fed = node.federation
     model = build_model("mlp", input_shape=fed.input_shape, num_classes=fed.num_classes, seed=0)
     x, y = node.cooperative.train.x, node.cooperative.train.y
