@@ -48,7 +48,7 @@ def make_member_key(path: str | Path) -> tuple[Path, Path, str]:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from .tls import _write_private, _write_public
+    from .tls import write_new_private, write_new_public
 
     private_path = Path(path)
     public_path = private_path.with_name(private_path.name + ".pub")
@@ -57,9 +57,9 @@ def make_member_key(path: str | Path) -> tuple[Path, Path, str]:
             raise FileExistsError(f"{existing}: exists; fedgov.member_key never overwrites (choose a new name)")
     private_path.parent.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP384R1())
-    _write_private(private_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+    write_new_private(private_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                                                    serialization.NoEncryption()))
-    _write_public(public_path, key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+    write_new_public(public_path, key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                                              serialization.PublicFormat.OpenSSH) + b"\n")
     return private_path, public_path, fingerprint(key.public_key())
 

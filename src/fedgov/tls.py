@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["TlsFiles", "TLS_FILES", "make_tls_files", "main"]
+__all__ = ["TlsFiles", "TLS_FILES", "make_tls_files", "main", "write_new_private", "write_new_public"]
 
 TLS_FILES = ("ca.crt", "ca.key", "server.pem", "server.key")
 
@@ -52,14 +52,16 @@ def _subject_names(names: list[str]) -> list:
     return entries
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Create ``path`` readable by its owner only, failing if it exists."""
+def write_new_private(path: Path, data: bytes) -> None:
+    """Create ``path`` readable by its owner only, failing if it exists (a private key: this
+    module's, and a member's from ``fedgov.member_key``)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)
 
 
-def _write_public(path: Path, data: bytes) -> None:
+def write_new_public(path: Path, data: bytes) -> None:
+    """Create ``path``, failing if it exists (a certificate, a member's public key)."""
     with open(path, "xb") as handle:
         handle.write(data)
 
@@ -113,10 +115,10 @@ def make_tls_files(out: str | Path, names: list[str], *, days: int = 365) -> Tls
                                  serialization.NoEncryption())
 
     files = TlsFiles(out / "ca.crt", out / "ca.key", out / "server.pem", out / "server.key")
-    _write_private(files.ca_key, key_bytes(ca_key))
-    _write_private(files.server_key, key_bytes(server_key))
-    _write_public(files.ca_certificate, ca_cert.public_bytes(serialization.Encoding.PEM))
-    _write_public(files.server_certificate, server_cert.public_bytes(serialization.Encoding.PEM))
+    write_new_private(files.ca_key, key_bytes(ca_key))
+    write_new_private(files.server_key, key_bytes(server_key))
+    write_new_public(files.ca_certificate, ca_cert.public_bytes(serialization.Encoding.PEM))
+    write_new_public(files.server_certificate, server_cert.public_bytes(serialization.Encoding.PEM))
     return files
 
 
