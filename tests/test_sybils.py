@@ -100,7 +100,8 @@ def test_a_registrar_that_catches_every_sybil_merges_them_and_the_audit_log_name
     assert summary["influence"]["run_by_actor"]["max_weight"] == pytest.approx(0.1)
     assert summary["influence"]["sybil_weight"] == pytest.approx(0.1)
     assert summary["influence"]["registrar"] == {"name": "civil-registry", "catch_probability": 1.0,
-                                                 "merged": 3, "sybil_identities": 3}
+                                                 "fee_per_identity": 0.0, "merged": 3, "unpaid": 0,
+                                                 "sybil_identities": 3}
     registrar = read_jsonl(run / "audit.jsonl")[0]["body"]["registrar"]  # the run_start record
     assert registrar["name"] == "civil-registry" and "admits members" in registrar["power"]
     assert registrar["merged"] == {c: whale for c in ("10", "11", "12")}
@@ -108,6 +109,28 @@ def test_a_registrar_that_catches_every_sybil_merges_them_and_the_audit_log_name
 
     result = verify(run)
     assert result.ok and "registrar 'civil-registry' (3 of 13 identities merged" in result.covered
+
+
+def test_a_registrar_that_charges_per_identity_admits_what_the_whale_can_pay_for(tmp_path):
+    """A fee of 1 against a budget of 2: the whale registers its own identity and one sybil; its other
+    two identities are merged into it, so it holds 2 of the 11 members' votes."""
+    from conftest import run_dir_of, run_simulate
+    from fedgov.results import read_json, read_jsonl
+
+    run = run_dir_of(run_simulate("--set", "data.sybil_identities=3", "--set", "governance.weighting=equal",
+                                  "--set", "governance.registrar=dao-registry", "--set", "governance.registrar_fee=1",
+                                  "--set", "governance.identity_budget=2", "--set", "train.rounds=2", "--set",
+                                  "train.local_epochs=1", "--set", "runtime.workers=0", "--out", str(tmp_path)))
+    summary = read_json(run / "summary.json")
+    actors = {str(c["id"]): c["actor"] for c in summary["cooperatives"]}
+    whale = actors["10"]
+    identities = [c for c, a in actors.items() if a == whale]
+    for row in read_jsonl(run / "metrics.jsonl"):
+        assert sum(row["weights"][c] for c in identities) == pytest.approx(2 / 11)
+    registrar = read_jsonl(run / "audit.jsonl")[0]["body"]["registrar"]
+    assert registrar["unpaid"] == ["11", "12"] and registrar["merged"] == {"11": whale, "12": whale}
+    assert summary["influence"]["registrar"]["unpaid"] == 2 and summary["influence"]["sybil_weight"] == pytest.approx(
+        2 / 11)
 
 
 def test_stake_weights_follow_the_stakes_the_audit_log_records(tmp_path):

@@ -199,6 +199,13 @@ class GovernanceConfig:
     registrar_catch: float = spec(0.0, low=0.0, high=1.0,
                                    doc="chance that governance.registrar sees through each sybil identity, "
                                        "which is then merged into its actor before weighting")
+    registrar_fee: float = spec(0.0, low=0.0,
+                                 doc="the registrar's second model: a fee per identity, paid from each actor's "
+                                     "governance.identity_budget; identities an actor cannot pay for are merged "
+                                     "into it (0 = no fee)")
+    identity_budget: float = spec(0.0, low=0.0,
+                                   doc="what each actor can spend on registrar fees: it registers "
+                                       "floor(budget / fee) identities, at least its own")
     max_update_norm: float = spec(1000.0, low=0.0,
                                    doc="reject a plaintext update whose change to the global model has a larger "
                                        "L2 norm, as malformed (0 = no bound)")

@@ -81,6 +81,12 @@ def _check_governance(cfg: Config, where: str) -> None:
     if gov.registrar_catch > 0 and not gov.registrar.strip():
         raise ConfigError(f"{where}: governance.registrar: name the party that verifies identities "
                           f"(governance.registrar_catch = {gov.registrar_catch:g} needs one)")
+    if gov.registrar_fee > 0 and not gov.registrar.strip():
+        raise ConfigError(f"{where}: governance.registrar: name the party that charges for identities "
+                          f"(governance.registrar_fee = {gov.registrar_fee:g} needs one)")
+    if gov.registrar_fee > 0 and cfg.privacy.dp == "user":
+        raise ConfigError(f"{where}: governance.registrar_fee: central DP (privacy.dp = 'user') weights every "
+                          f"update equally, so merged identities cannot be weighted as one member")
     if gov.registrar_catch > 0 and cfg.privacy.dp == "user":
         raise ConfigError(f"{where}: governance.registrar_catch: central DP (privacy.dp = 'user') weights every "
                           f"update equally, so merged identities cannot be weighted as one member")

@@ -354,7 +354,9 @@ class RunRecord:
             truth = sum(int(c) != int(a) for c, a in actors.items())
             block["registrar"] = {"name": self.registrar["name"],
                                   "catch_probability": self.registrar["catch_probability"],
-                                  "merged": len(self.registrar["merged"]), "sybil_identities": truth}
+                                  "fee_per_identity": self.registrar.get("fee_per_identity", 0.0),
+                                  "merged": len(self.registrar["merged"]),
+                                  "unpaid": len(self.registrar.get("unpaid", [])), "sybil_identities": truth}
         applied = [r["applied_influence"] for r in self.rows if r.get("applied_influence")]
         if applied:  # HE: what the clients actually applied (known to the simulation, not the aggregator)
             block["applied"] = mean_influence(applied)

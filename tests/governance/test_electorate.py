@@ -91,3 +91,44 @@ def test_the_run_electorate_from_config_and_the_registrar_needs_a_name():
         load_config(None, ["governance.registrar_catch=0.5"])
     with pytest.raises(ConfigError, match="governance.weighting"):
         load_config(None, ["governance.weighting=stake", "privacy.dp=user", "privacy.noise_multiplier=1"])
+
+
+# Actor 0 behind identities 0, 3, 4 and 5 (its own first), members 1 and 2 honest.
+FEE_ACTORS = [0, 1, 2, 0, 0, 0]
+FEE_CLAIMED = {0: 20.0, 1: 10.0, 2: 10.0, 3: 20.0, 4: 20.0, 5: 20.0}
+
+
+def test_a_fee_per_identity_registers_what_the_budget_pays_for_and_merges_the_rest():
+    from fedgov.governance.electorate import unpaid_identities
+
+    # Fee 1, budget 2.5: actor 0 pays for two identities, its own (0) and the next (3); 4 and 5
+    # are not registered, so their data counts under actor 0's registered identities.
+    assert unpaid_identities(FEE_ACTORS, fee=1.0, budget=2.5) == {4: 0, 5: 0}
+    assert unpaid_identities(FEE_ACTORS, fee=1.0, budget=10.0) == {}  # rich enough for every identity
+    assert unpaid_identities(FEE_ACTORS, fee=3.0, budget=2.0) == {3: 0, 4: 0, 5: 0}  # its own identity only
+    assert unpaid_identities(FEE_ACTORS, fee=0.0, budget=0.0) == {}  # no fee: nothing merged
+    # One member, one vote: members {0, 4, 5} (60), {3} (20), 1 and 2 -> 1/4 each; the first
+    # member's quarter is shared 20:20:20 -> 1/12 each. Actor 0 holds 1/4 + 1/4 = 1/2, down from 4/6.
+    w = Electorate("equal", merged={4: 0, 5: 0}).weights(FEE_CLAIMED)
+    assert w == pytest.approx({0: 1 / 12, 4: 1 / 12, 5: 1 / 12, 3: 1 / 4, 1: 1 / 4, 2: 1 / 4})
+    assert Electorate("equal").weights(FEE_CLAIMED)[0] * 4 == pytest.approx(4 / 6)
+    with pytest.raises(ValueError, match="negative"):
+        unpaid_identities(FEE_ACTORS, fee=-1.0, budget=1.0)
+
+
+def test_the_fee_and_the_catch_combine_and_the_audit_record_names_both():
+    from fedgov.governance.electorate import registrar_record
+
+    cfg = load_config(None, ["governance.weighting=equal", "governance.registrar=dao-registry",
+                             "governance.registrar_fee=1", "governance.identity_budget=2",
+                             "governance.registrar_catch=1"])
+    e = electorate_for(cfg.governance, FEE_ACTORS, seed=0, sizes=list(FEE_CLAIMED.values()))
+    assert e.merged == {3: 0, 4: 0, 5: 0}  # 4 and 5 unpaid, 3 paid for but seen through
+    record = registrar_record(cfg.governance, e, FEE_ACTORS)
+    assert record["unpaid"] == ["4", "5"] and record["merged"] == {"3": 0, "4": 0, "5": 0}
+    assert record["fee_per_identity"] == 1.0 and record["identity_budget"] == 2.0
+    fee_only = load_config(None, ["governance.weighting=equal", "governance.registrar=dao-registry",
+                                  "governance.registrar_fee=1", "governance.identity_budget=2"])
+    assert electorate_for(fee_only.governance, FEE_ACTORS, seed=0, sizes=[1] * 6).merged == {4: 0, 5: 0}
+    with pytest.raises(ConfigError, match="governance.registrar"):
+        load_config(None, ["governance.registrar_fee=1"])

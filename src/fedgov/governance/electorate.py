@@ -7,6 +7,9 @@ it sees through into their actor, at the price of holding the power to admit mem
 
 * :func:`verify_identities`: which sybil identities a registrar catches, each with
   probability ``catch`` (a seeded draw per identity, once per run, as a registration is).
+* :func:`unpaid_identities`: the second model of a registrar: it checks nothing but charges a
+  fee per identity, and an actor registers only the identities its budget pays for; the data
+  behind the rest counts under the identities it did register.
 * :func:`draw_stakes`: each actor's stake (Pareto, independent of its data; or its data
   size), shared equally by its identities -- tokens can be split between wallets, not copied.
 * :class:`Electorate`: the weighting policy applied to members after the merge. A merged
@@ -31,7 +34,7 @@ from .weighting import policy_weights
 if TYPE_CHECKING:
     from ..config import GovernanceConfig
 
-__all__ = ["Electorate", "draw_stakes", "electorate_for", "registrar_record", "verify_identities"]
+__all__ = ["Electorate", "draw_stakes", "electorate_for", "registrar_record", "unpaid_identities", "verify_identities"]
 
 _REGISTRAR_TAG = 0x5E61
 _STAKE_TAG = 0x57AE
@@ -50,6 +53,31 @@ def verify_identities(actors: Sequence[int], *, catch: float, seed: int) -> dict
     rng = np.random.default_rng([seed, _REGISTRAR_TAG])
     draws = rng.random(len(actors))
     return {c: int(a) for c, a in enumerate(actors) if a != c and draws[c] < catch}
+
+
+def unpaid_identities(actors: Sequence[int], *, fee: float, budget: float) -> dict[int, int]:
+    """The identities an actor could not pay a registrar's ``fee`` for: identity -> its actor.
+
+    Every actor pays the fee for its own identity (an honest member registers once). An actor
+    behind several identities pays from ``budget`` for them in id order, its own first, and
+    registers ``floor(budget / fee)`` in all, at least its own; the others are not separate
+    members, so they are merged into their actor as a caught sybil is. ``fee = 0`` charges
+    nothing and merges nothing.
+    """
+    if fee < 0 or budget < 0:
+        raise ValueError(f"a registrar's fee and an actor's budget cannot be negative; got {fee} and {budget}")
+    if fee == 0:
+        return {}
+    affordable = max(1, int(budget // fee))
+    registered: dict[int, int] = {}
+    unpaid: dict[int, int] = {}
+    for c in sorted(range(len(actors)), key=lambda c: (actors[c] != c, c)):  # each actor's own identity first
+        actor = int(actors[c])
+        if registered.get(actor, 0) < affordable:
+            registered[actor] = registered.get(actor, 0) + 1
+        else:
+            unpaid[c] = actor
+    return unpaid
 
 
 def draw_stakes(actors: Sequence[int], *, kind: str, shape: float, seed: int,
@@ -136,8 +164,12 @@ def electorate_for(cfg: GovernanceConfig, actors: Sequence[int], *, seed: int,
     ``actors`` is the ground truth behind each identity (an honest member: itself) and
     ``sizes`` each identity's number of training examples.
     """
-    merged = (verify_identities(actors, catch=cfg.registrar_catch, seed=seed)
-              if cfg.registrar.strip() and cfg.registrar_catch > 0 else {})
+    merged: dict[int, int] = {}
+    if cfg.registrar.strip():
+        merged.update(unpaid_identities(actors, fee=cfg.registrar_fee, budget=cfg.identity_budget))
+        if cfg.registrar_catch > 0:  # of the identities paid for, it sees through each sybil with p
+            caught = verify_identities(actors, catch=cfg.registrar_catch, seed=seed)
+            merged.update({c: a for c, a in caught.items() if c not in merged})
     stakes = (draw_stakes(actors, kind=cfg.stake, shape=cfg.stake_shape, seed=seed, sizes=sizes)
               if cfg.weighting == "stake" else {})
     return Electorate(policy=cfg.weighting, cap=cfg.cap, stakes=stakes, merged=merged)
@@ -151,6 +183,10 @@ def registrar_record(cfg: GovernanceConfig, electorate: Electorate, actors: Sequ
         "name": cfg.registrar,
         "power": "admits members: decides which identities count as separate members before weighting",
         "catch_probability": cfg.registrar_catch,
+        "fee_per_identity": cfg.registrar_fee,
+        "identity_budget": cfg.identity_budget,
         "identities_checked": len(actors),
         "merged": {str(c): a for c, a in sorted(electorate.merged.items())},
+        "unpaid": sorted(str(c) for c in unpaid_identities(actors, fee=cfg.registrar_fee,
+                                                           budget=cfg.identity_budget)),
     }
