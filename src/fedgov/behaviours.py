@@ -90,11 +90,12 @@ def size_lie_mod(config: Config | None) -> Mod:
 
                 reply.content["metrics"][SIZE_LIE_KEY] = claim
             return reply
-        record = "cooperative" if kind == MessageType.QUERY else "metrics" if kind == MessageType.TRAIN else None
+        # What it claims when asked (query) and with each update (train); evaluation replies carry no claim.
+        record = {MessageType.QUERY: "cooperative", MessageType.TRAIN: "metrics"}.get(kind)
         if record is not None:
             metrics = reply.content[record]
             for key in ("num-examples", "num-train"):
-                if key in metrics and (kind == MessageType.QUERY or key == "num-examples"):
+                if key in metrics:
                     metrics[key] = round(metrics[key] * claim)
         return reply
 
@@ -104,8 +105,10 @@ def size_lie_mod(config: Config | None) -> Mod:
 def data_poisoning_mod(config: Config | None) -> Mod:
     """An active attacker trains on poisoned data (label flips, backdoor triggers: ``fedgov.attacks``)."""
     def mod(message: Message, context: Context, call_next: Callable) -> Message:
-        node = node_for(context, config)
-        if not _is_train(message) or not _attacking(node, server_round := _server_round(message)):
+        if not _is_train(message):
+            return call_next(message, context)
+        node, server_round = node_for(context, config), _server_round(message)
+        if not _attacking(node, server_round):
             return call_next(message, context)
         from .attacks import poison_training_data, trigger_for
 
@@ -126,10 +129,11 @@ def model_poisoning_mod(config: Config | None) -> Mod:
     (``model_replacement``: boosted to outweigh the cohort; ``noise``: Gaussian)."""
     def mod(message: Message, context: Context, call_next: Callable) -> Message:
         reply = call_next(message, context)
-        node = node_for(context, config)
+        if reply.has_error() or not _is_train(message):
+            return reply
+        node, server_round = node_for(context, config), _server_round(message)
         cfg = node.config
-        if (reply.has_error() or not _is_train(message) or cfg.attack.kind not in ("model_replacement", "noise")
-                or not _attacking(node, server_round := _server_round(message))):
+        if cfg.attack.kind not in ("model_replacement", "noise") or not _attacking(node, server_round):
             return reply
         from .attacks import poison_update
 
