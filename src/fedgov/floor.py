@@ -135,7 +135,6 @@ def _rounds(cfg: Config, federation: Any, device: torch.device, rounds: int,
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m fedgov.floor``: the floor of a config's rounds; prints one line, writes the rows as JSON."""
-    import sys
     from pathlib import Path
 
     from .cli import ArgumentParser, fail
