@@ -9,9 +9,9 @@ the SuperLink's machine ``aggregator.ctx`` and the sealed escrow, the custodian
 Each SuperNode (the custodian too) points at its folder with ``--node-config key-dir=...`` and
 joins over TLS with its own registered key. The cooperatives train with DP-SGD.
 
-**The restart.** After round 2 is on record, the SuperLink and everything it started (the
-ServerApp among them) are SIGKILLed. The SuperNodes keep running and retry. The SuperLink
-restarts on the same port and ``--database``, where the registered keys survive; the members
+**The restart.** Once round 1 is checkpointed, the SuperLink and everything it started (the
+ServerApp among them) are SIGKILLed, in round 2. The SuperNodes keep running and retry. The
+SuperLink restarts on the same port and ``--database``, where the registered keys survive; the members
 reconnect without being registered again; ``flwr run . <connection> --run-config
 RUN_DIR/resume.toml`` (the run's config with ``runtime.resume`` set) carries the metrics, the
 signed audit log and every cooperative's DP ledger on, as ``fedgov.simulate --resume`` does,
@@ -51,7 +51,7 @@ from fedgov.bench.flower_processes import (FlowerProcesses, flower_environment, 
 ROOT = Path(__file__).resolve().parents[1]
 CONNECTION = "fedgov-restart"
 NUM_COOPERATIVES = 2
-ROUNDS = 3
+ROUNDS = 2
 TARGET_EPSILON = 3.0
 RUN_DEADLINE_S = 300.0
 OPEN_LOG_VARIABLE = "FEDGOV_TEST_OPEN_LOG"
@@ -98,9 +98,13 @@ def _run_dirs(out: Path) -> list[Path]:
     return sorted(p.parent for p in out.glob("*/config.toml"))
 
 
-def _rows(run_dir: Path) -> int:
-    path = run_dir / "metrics.jsonl"
-    return len(path.read_text().splitlines()) if path.is_file() else 0
+def _checkpoint_round(run_dir: Path) -> int:
+    """The round of the run's checkpoint (0 before the first; written atomically, so never half)."""
+    path = run_dir / "checkpoint.npz"
+    if not path.is_file():
+        return 0
+    with np.load(path) as data:
+        return int(data["__round__"])
 
 
 def _spends(row: dict) -> dict[str, tuple]:
@@ -142,17 +146,15 @@ def test_a_killed_superlink_resumes_the_run_and_the_aggregators_processes_never_
         run_id = flwr_run(procs, ROOT, CONNECTION, run_config=overrides)
 
         deadline = time.monotonic() + RUN_DEADLINE_S
-        while not (dirs := _run_dirs(out)) or _rows(dirs[0]) < 2:
-            assert time.monotonic() < deadline, "round 2 was never recorded"
+        while not (dirs := _run_dirs(out)) or _checkpoint_round(dirs[0]) < 1:
+            assert time.monotonic() < deadline, "round 1 was never checkpointed"
             assert not procs.exited(), procs.log_tails()
             time.sleep(0.2)
         (run_dir,) = dirs
-        procs.kill(superlink)  # the SuperLink's machine dies, and the ServerApp with it
-        with np.load(run_dir / "checkpoint.npz") as data:
-            stopped_at = int(data["__round__"])
+        procs.kill(superlink)  # the SuperLink's machine dies in round 2, and the ServerApp with it
+        stopped_at = _checkpoint_round(run_dir)
         before = read_jsonl(run_dir / "metrics.jsonl")[:stopped_at]
-        # Round 2's record is written just before its checkpoint: a kill between the two leaves round 1's.
-        assert 1 <= stopped_at < ROUNDS and not (run_dir / "summary.json").exists()
+        assert stopped_at == 1 and not (run_dir / "summary.json").exists()
 
         # Restarted on the same port and database: the SuperNodes reconnect with their keys, unregistered anew.
         superlink, _ = start_secure_superlink(procs, tls, database=database, name="superlink-restarted", port=port,
