@@ -5,7 +5,8 @@ Time here is *simulated*: a cooperative's local training takes
 the simulation. That keeps results deterministic (a seed fixes who misses which
 round) and lets one laptop stand in for a federation of data centres and clinics.
 A cooperative that cannot finish before ``heterogeneity.deadline`` does not train and
-misses the round, as it would if the aggregator closed the round on time.
+misses the round, as it would if the aggregator closed the round on time (the deadline mod,
+``fedgov.behaviours``).
 """
 
 from __future__ import annotations
@@ -16,11 +17,7 @@ import numpy as np
 
 from .config import HeterogeneityConfig, parse_tiers
 
-__all__ = ["MissedDeadline", "compute_speeds", "local_steps", "misses_deadline", "parse_tiers", "simulated_seconds"]
-
-
-class MissedDeadline(RuntimeError):
-    """A cooperative too slow for the round deadline sits the round out."""
+__all__ = ["compute_speeds", "local_steps", "misses_deadline", "parse_tiers", "simulated_seconds"]
 
 
 def compute_speeds(cfg: HeterogeneityConfig, num_cooperatives: int, *, seed: int) -> np.ndarray:
