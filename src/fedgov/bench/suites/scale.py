@@ -133,7 +133,7 @@ def _measure_pair(members: int, sets: dict[str, Any], work: Path, *, timeout: fl
 
 
 def _memory(measured: Any) -> dict[str, Any]:
-    """Peak memory of every process of a command: shared pages once (PSS) where /proc tells, and the RSS sum."""
+    """Peak memory of every process of a command: shared pages once (PSS) where the platform tells, and the RSS sum."""
     pss, rss = measured.peak_pss_bytes, measured.peak_rss_bytes
     return {"peak_memory_bytes": pss if pss is not None else rss, "memory_measure": "pss" if pss is not None else "rss",
             "peak_rss_bytes": rss, "peak_processes": measured.peak_processes}
