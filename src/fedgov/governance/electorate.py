@@ -118,6 +118,7 @@ class Electorate:
     cap: float = 1.0
     stakes: Mapping[int, float] = field(default_factory=dict)
     merged: Mapping[int, int] = field(default_factory=dict)
+    unpaid: Mapping[int, int] = field(default_factory=dict)  # the part of ``merged`` no fee was paid for
 
     def __post_init__(self) -> None:
         if self.policy == "stake" and not self.stakes:
@@ -165,14 +166,16 @@ def electorate_for(cfg: GovernanceConfig, actors: Sequence[int], *, seed: int,
     ``sizes`` each identity's number of training examples.
     """
     merged: dict[int, int] = {}
+    unpaid: dict[int, int] = {}
     if cfg.registrar.strip():
-        merged.update(unpaid_identities(actors, fee=cfg.registrar_fee, budget=cfg.identity_budget))
+        unpaid = unpaid_identities(actors, fee=cfg.registrar_fee, budget=cfg.identity_budget)
+        merged.update(unpaid)
         if cfg.registrar_catch > 0:  # of the identities paid for, it sees through each sybil with p
             caught = verify_identities(actors, catch=cfg.registrar_catch, seed=seed)
             merged.update({c: a for c, a in caught.items() if c not in merged})
     stakes = (draw_stakes(actors, kind=cfg.stake, shape=cfg.stake_shape, seed=seed, sizes=sizes)
               if cfg.weighting == "stake" else {})
-    return Electorate(policy=cfg.weighting, cap=cfg.cap, stakes=stakes, merged=merged)
+    return Electorate(policy=cfg.weighting, cap=cfg.cap, stakes=stakes, merged=merged, unpaid=unpaid)
 
 
 def registrar_record(cfg: GovernanceConfig, electorate: Electorate, actors: Sequence[int]) -> dict[str, Any] | None:
@@ -187,6 +190,5 @@ def registrar_record(cfg: GovernanceConfig, electorate: Electorate, actors: Sequ
         "identity_budget": cfg.identity_budget,
         "identities_checked": len(actors),
         "merged": {str(c): a for c, a in sorted(electorate.merged.items())},
-        "unpaid": sorted(str(c) for c in unpaid_identities(actors, fee=cfg.registrar_fee,
-                                                           budget=cfg.identity_budget)),
+        "unpaid": [str(c) for c in sorted(electorate.unpaid)],
     }
