@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from .. import process_table
 
-__all__ = ["Measured", "run_measured", "tagged_memory", "tagged_pids", "tagged_rss_bytes"]
+__all__ = ["Measured", "run_measured", "tagged_memory", "tagged_pids"]
 
 MARKER = "FEDGOV_BENCH_PROCESS_TAG"
 
@@ -45,13 +45,7 @@ def tagged_pids(tag: str) -> list[int]:
     return sorted(process_table.tagged(MARKER, tag))
 
 
-def tagged_rss_bytes(tag: str) -> tuple[int, int] | None:
-    """(total resident bytes, processes) of the live processes whose environment carries ``tag``."""
-    found = tagged_memory(tag)
-    return None if found is None else (found[0], found[2])
-
-
-def tagged_memory(tag: str) -> tuple[int, int | None, int] | None:
+def tagged_memory(tag: str) -> tuple[int, int | None, int]:
     """(total RSS bytes, total PSS bytes or None, processes) of the live processes carrying ``tag``
     (PSS is None where the platform cannot tell it: ``fedgov.process_table.memory``)."""
     return process_table.memory(process_table.tagged(MARKER, tag))
@@ -64,15 +58,11 @@ def run_measured(argv: Sequence[str], *, env: Mapping[str, str] | None = None, t
     environment = {**(os.environ if env is None else env), MARKER: tag}
     peak: list[int] = [0, 0]
     peak_pss: list[int | None] = [0]
-    measurable = tagged_memory(tag) is not None
     done = threading.Event()
 
     def sample() -> None:
         while not done.wait(interval):
-            found = tagged_memory(tag)
-            if found is None:
-                continue
-            rss, pss, count = found
+            rss, pss, count = tagged_memory(tag)
             if rss > peak[0]:
                 peak[0], peak[1] = rss, count
             if pss is None and count:
@@ -100,8 +90,8 @@ def run_measured(argv: Sequence[str], *, env: Mapping[str, str] | None = None, t
         if proc.poll() is None:  # interrupted (Ctrl-C): leave nothing of it running
             _stop(proc, tag)
     return Measured(returncode=proc.returncode, stdout=stdout, stderr=stderr, wall_seconds=wall,
-                    peak_rss_bytes=peak[0] if measurable else None, peak_processes=peak[1], timed_out=timed_out,
-                    peak_pss_bytes=peak_pss[0] if measurable and peak_pss[0] else None)
+                    peak_rss_bytes=peak[0], peak_processes=peak[1], timed_out=timed_out,
+                    peak_pss_bytes=peak_pss[0] or None)
 
 
 def _stop(proc: subprocess.Popen, tag: str, grace: float = 10.0) -> None:

@@ -63,10 +63,7 @@ class _MemorySampler:
 
     def _run(self) -> None:
         while not self._stop.wait(0.2):
-            found = tagged_memory(self.tag)
-            if found is None:
-                return
-            rss, pss, _ = found
+            rss, pss, _ = tagged_memory(self.tag)
             self.peak_rss = max(self.peak_rss or 0, rss)
             if pss is not None:
                 self.peak_pss = max(self.peak_pss or 0, pss)
