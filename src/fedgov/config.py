@@ -441,6 +441,15 @@ def reference_rows() -> list[tuple[str, Any, str]]:
     return rows
 
 
+def reference_table() -> str:
+    """Every key as a Markdown table (key, default, meaning): printed by ``python -m fedgov.config``,
+    and the documentation site's configuration reference."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for key, default, doc in reference_rows():
+        lines.append(f"| `{key}` | `{default!r}` | {doc.replace('|', '/')} |")
+    return "\n".join(lines)
+
+
 def pyproject_app_config() -> str:
     """The ``[tool.flwr.app.config]`` tables: every key, so ``flwr run --run-config`` accepts them all."""
     import tomli_w
@@ -479,9 +488,7 @@ def main(argv: typing.Sequence[str] | None = None) -> int:
             fail("python -m fedgov.config", str(exc))
         print(args.sync_pyproject)
         return 0
-    print("| key | default | meaning |\n|---|---|---|")
-    for key, default, doc in reference_rows():
-        print(f"| `{key}` | `{default!r}` | {doc} |")
+    print(reference_table())
     return 0
 
 

@@ -35,16 +35,14 @@ __all__ = ["config_reference_page", "experiment_names", "experiment_page", "page
 
 def config_reference_page() -> str:
     """Every config key with its default and meaning, as ``python -m fedgov.config`` prints them."""
-    from fedgov.config import reference_rows  # absolute: MkDocs loads this file by its path
+    from fedgov.config import reference_table  # absolute: MkDocs loads this file by its path
 
     lines = ["# Configuration reference", "",
              "Every key of fedgov's one typed config, generated from `fedgov.config` when the site is "
              "built. Set a key in a TOML file (`--config FILE`, sections as in `configs/default.toml`) "
              "or on the command line (`--set section.key=value`); `python -m fedgov.config` prints this "
              "table. A bad key, type or value is one line naming it, exit status 2, before anything starts.",
-             "", "| key | default | meaning |", "|---|---|---|"]
-    for key, default, doc in reference_rows():
-        lines.append(f"| `{key}` | `{default!r}` | {doc.replace('|', '/')} |")
+             "", reference_table()]
     return "\n".join(lines) + "\n"
 
 
