@@ -675,6 +675,24 @@ def test_skip_leaves_out_the_points_it_matches_and_a_frontier_draws_notes_and_ro
     assert exp.plot["rounds_facet"] == ["data.alpha"]  # the frontier's facet unless told otherwise
 
 
+def test_a_skip_entry_with_seeds_runs_those_points_with_fewer_seeds(tmp_path):
+    body = FRONTIER.replace('seeds = [0]', 'seeds = [0, 1, 2]').replace(
+        'metrics = ["final_accuracy", "fairness.worst"]',
+        'metrics = ["final_accuracy", "fairness.worst"]\n'
+        'skip = [{ "data.alpha" = 100, "train.lr" = [0.1, 0.2], "seed" = [1, 2] }, { "train.lr" = 0.2, "seed" = [0, 1, 2] }]')
+    exp = load_experiment(write_experiment(tmp_path, body))
+    assert [(p.values["data.alpha"], p.values["train.lr"], sorted(p.skipped_seeds)) for p in exp.points] == [
+        (0.5, 0.05, []), (0.5, 0.1, []), (100.0, 0.05, []), (100.0, 0.1, [1, 2])]  # every seed skipped: no point
+    out = tmp_path / "out"
+    fake = FakeSimulate()
+    run_experiment(exp, out=out, runner=fake)
+    assert len(fake.commands) == 3 * 3 + 1
+    rows = {(r["data.alpha"], r["train.lr"]): r["n"] for r in read_csv(out / "results.csv")}
+    assert rows == {("0.5", "0.05"): "3", ("0.5", "0.1"): "3", ("100.0", "0.05"): "3", ("100.0", "0.1"): "1"}
+    with pytest.raises(ExperimentError, match=r"skip\[0\].seed: 3 is not one of"):
+        load_experiment(write_experiment(tmp_path, body.replace('"seed" = [1, 2]', '"seed" = [3]')))
+
+
 def test_rounds_facet_takes_grid_keys_only(tmp_path):
     grid = load_experiment(write_experiment(tmp_path, FRONTIER.replace(
         'rounds_only =', 'rounds_facet = ["data.alpha", "train.lr"]\nrounds_only =')))

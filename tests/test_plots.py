@@ -133,6 +133,35 @@ def test_plot_frontier_one_point_per_policy_per_facet(tmp_path):
                    title="t")
 
 
+def test_frontier_labels_name_later_point_keys_and_leave_out_their_defaults(tmp_path, monkeypatch):
+    import fedgov.plots as plots
+    from fedgov.config import Config
+    from fedgov.experiment.spec import ExperimentError, _plot_spec
+
+    keys = ("governance.weighting", "governance.registrar_catch", "governance.registrar_fee")
+    lines = ["point," + ",".join(keys) + ",n,failed,influence.run_by_actor.nakamoto_mean,"
+             "influence.run_by_actor.nakamoto_ci95_low,influence.run_by_actor.nakamoto_ci95_high,"
+             "final_accuracy_mean,final_accuracy_ci95_low,final_accuracy_ci95_high"]
+    for i, (policy, catch, fee) in enumerate([("samples", 0.0, 0.0), ("equal", 0.0, 0.0), ("equal", 0.5, 0.0),
+                                              ("equal", 0.0, 0.1)]):
+        lines.append(f"p{i},{policy},{catch},{fee},3,0,{i + 1},{i},{i + 2},0.9,0.8,0.95")
+    (tmp_path / "results.csv").write_text("\n".join(lines) + "\n")
+    grid = {"governance.weighting": ["samples", "equal"], "governance.registrar_catch": [0.0, 0.5],
+            "governance.registrar_fee": [0.0, 0.1]}
+    raw = {"kind": "frontier", "x": "influence.run_by_actor.nakamoto", "y": ["final_accuracy"], "point": list(keys),
+           "point_names": {"governance": {"registrar_catch": "p", "registrar_fee": "fee"}}}
+    metrics = ("influence.run_by_actor.nakamoto", "final_accuracy")
+    spec = _plot_spec(raw, where="plot", grid=grid, base=Config(), metrics=metrics, title="t")
+    drawn = {}
+    monkeypatch.setattr(plots, "_save", lambda fig, out_png, *, dpi: drawn.setdefault("fig", fig) and Path(out_png))
+    plots.plot_frontier(tmp_path / "results.csv", spec, tmp_path / "f.png")
+    texts = {t.get_text() for ax in drawn["fig"].axes for t in ax.texts}
+    assert texts == {"samples", "equal", "equal / p=0.5", "equal / fee=0.1"}
+    with pytest.raises(ExperimentError, match="point_names.governance.weighting"):  # the first key is never named
+        _plot_spec({**raw, "point_names": {"governance.weighting": "w"}}, where="plot", grid=grid, base=Config(),
+                   metrics=metrics, title="t")
+
+
 def test_rounds_with_two_facets_and_one_metric_draw_a_grid(tmp_path, monkeypatch):
     import fedgov.plots as plots
 

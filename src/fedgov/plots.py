@@ -217,7 +217,9 @@ def plot_frontier(results_csv: str | Path, plot_spec: Mapping[str, Any], out_png
     def label_of(r: Mapping[str, str]) -> str:
         """The point's name, and with ``note`` that metric's mean as a percentage (e.g. a sybil's share)."""
         defaults = plot_spec.get("point_defaults") or {}
-        name = " / ".join(r[k] for i, k in enumerate(point_keys) if i == 0 or r[k] != defaults.get(k))
+        short = plot_spec.get("point_names") or {}
+        name = " / ".join(f"{short[k]}={r[k]}" if k in short else r[k]
+                          for i, k in enumerate(point_keys) if i == 0 or r[k] != defaults.get(k))
         value = _float(r.get(f"{note}_mean")) if note else math.nan
         return name if math.isnan(value) else f"{name} ({value:.0%})"
 

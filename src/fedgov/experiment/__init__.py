@@ -27,6 +27,9 @@ that matches all keys of one entry::
 
     skip = [{ "governance.weighting" = "samples", "governance.registrar_catch" = [0.5, 1.0] }]
 
+An entry with a ``seed`` key leaves out only those seeds of the points it matches (a costly
+cell run with fewer seeds).
+
     [experiment.plot]                 # optional
     x = "data.alpha"                  # a grid key (default: the first)
     series = "strategy.name"          # optional grid key: one line per value
@@ -40,7 +43,8 @@ that matches all keys of one entry::
 
 A ``kind = "frontier"`` plot draws metric against metric, one point per grid point:
 ``x`` and ``y`` are metrics; ``point`` (a grid key or a list of them) labels each point,
-leaving out values the base config already has; ``series`` colours it; ``facet`` splits
+leaving out values the base config already has, and ``point_names`` gives a later key a short
+name to write its value as ``name=value``; ``series`` colours it; ``facet`` splits
 the panels; ``note`` adds a metric to each label in brackets; ``xscale = "log"``;
 ``rounds`` as above, and ``rounds_only`` (entries as in ``skip``) draws only the points
 matching an entry there; ``rounds_facet`` (grid keys, default ``facet``) splits the learning

@@ -228,6 +228,8 @@ def build_jobs(exp: Experiment, out: Path, *, seeds: Sequence[int], quick: bool 
     jobs = []
     for seed in seeds:
         for point in exp.points:
+            if seed in point.skipped_seeds:
+                continue
             seed_dir = out / "points" / point.id / f"seed-{seed}"
             cfg = exp.config_for(point).replace(seed=seed)
             if quick:  # shrink, never grow, whatever the grid says

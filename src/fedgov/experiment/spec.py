@@ -59,6 +59,7 @@ MECHANISM_METRICS = (
     "influence.applied_weight_sum",
     "influence.sybil_weight",  # data.sybil_identities > 0: the sybil actor's share of the run's weight
     "influence.registrar.merged",  # governance.registrar: identities it merged into their actor
+    "influence.registrar.unpaid",  # governance.registrar_fee: the merged identities no fee was paid for
     "attack.success_rate",  # attack.kind != "off" (or a size_claim)
     "attack.recorded_weight",  # the attackers' share of the weights in the audit log
     "attack.effective_weight",  # ... and of what was really applied (differs under HE)
@@ -87,6 +88,7 @@ class Point:
 
     id: str
     values: dict[str, Any]
+    skipped_seeds: frozenset[int] = frozenset()  # seeds an experiment.skip entry with a "seed" key leaves out
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,7 @@ _EXPERIMENT_KEYS = ("name", "description", "base", "seeds", "metrics", "override
 _PLOT_KEYS = ("x", "series", "y", "xscale", "ylog", "title", "labels", "rounds")
 # kind = "frontier": one point per grid point, metric against metric (fedgov.plots.plot_frontier).
 _FRONTIER_KEYS = ("kind", "x", "y", "point", "series", "facet", "title", "labels", "note", "rounds", "xscale",
-                  "rounds_only", "rounds_facet")
+                  "rounds_only", "rounds_facet", "point_names")
 
 
 def _flat_table(value: Any, where: str, *, leaves: type | tuple[type, ...] | None = None) -> dict[str, Any]:
@@ -244,6 +246,13 @@ def _frontier_spec(raw: Mapping[str, Any], *, where: str, grid: Mapping[str, lis
             raise ExperimentError(f"{where}: grid key {key!r} has {len(grid[key])} values but is "
                                   f"neither plot.point, plot.series nor plot.facet")
     labels = _flat_table(raw.get("labels", {}), f"{where}.labels")
+    # a point label writes a later key's value as "name=value" when the key has a short name here
+    point_names = _flat_table(raw.get("point_names", {}), f"{where}.point_names")
+    for key, name in point_names.items():
+        if not isinstance(name, str) or not name:
+            raise ExperimentError(f"{where}.point_names.{key}: expected a short name, got {name!r}")
+        if key not in points[1:]:
+            raise ExperimentError(f"{where}.point_names.{key}: not one of plot.point after the first")
     note = raw.get("note")
     if note is not None and note not in metrics:
         raise ExperimentError(f"{where}.note: {note!r} is not one of experiment.metrics")
@@ -266,7 +275,7 @@ def _frontier_spec(raw: Mapping[str, Any], *, where: str, grid: Mapping[str, lis
             "title": _str(raw.get("title", title), f"{where}.title"), "labels": labels, "note": note,
             "rounds": list(rounds), "xscale": xscale, "rounds_only": rounds_only, "rounds_facet": list(rounds_facet),
             # a label leaves out a value the base config already has (as the CSV writes it)
-            "point_defaults": {k: str(flat[k]) for k in points[1:] if k in flat}}
+            "point_defaults": {k: str(flat[k]) for k in points[1:] if k in flat}, "point_names": point_names}
 
 
 def _plot_spec(raw: Any, *, where: str, grid: Mapping[str, list[Any]], base: Config, metrics: tuple[str, ...],
@@ -396,12 +405,16 @@ def load_experiment(path: str | Path) -> Experiment:
             raise ExperimentError(f"{where}.grid.{key}: a value is listed twice")
 
     axes = {**({VARIANT_AXIS: list(variants)} if variants else {}), **normalized}
-    skip = _skip(exp.get("skip", []), f"{where}.skip", axes, base)
+    skip = _skip(exp.get("skip", []), f"{where}.skip", {**axes, "seed": list(seeds)}, base)
     points = []
     for values in expand_grid(axes):
-        if any(all(values[k] in chosen for k, chosen in entry.items()) for entry in skip):
+        matching = [entry for entry in skip if all(values[k] in chosen for k, chosen in entry.items() if k != "seed")]
+        if any("seed" not in entry for entry in matching):
             continue
-        point = Point(id=point_id(values), values=values)
+        skipped_seeds = frozenset(s for entry in matching for s in entry["seed"])
+        if skipped_seeds >= set(seeds):
+            continue
+        point = Point(id=point_id(values), values=values, skipped_seeds=skipped_seeds)
         try:  # combinations can still clash (cross-key checks such as cnn needing digits)
             chosen = dict(values)
             variant = chosen.pop(VARIANT_AXIS, None)
@@ -420,7 +433,8 @@ def load_experiment(path: str | Path) -> Experiment:
 
 def _skip(raw: Any, where: str, axes: Mapping[str, list[Any]], base: Config) -> list[dict[str, list[Any]]]:
     """``skip = [{key = value or [values], ...}, ...]``: the grid points matching every key of an
-    entry are not run (a product of axes where only some combinations are worth their cost)."""
+    entry are not run (a product of axes where only some combinations are worth their cost); an
+    entry with a ``seed`` key leaves out only those seeds of the points it matches."""
     if not isinstance(raw, list):
         raise ExperimentError(f"{where}: expected a list of tables (axis -> value or list of values)")
     entries = []
@@ -436,7 +450,7 @@ def _skip(raw: Any, where: str, axes: Mapping[str, list[Any]], base: Config) -> 
             values = values if isinstance(values, list) else [values]
             normalized = []
             for value in values:
-                if key != VARIANT_AXIS:
+                if key not in (VARIANT_AXIS, "seed"):
                     try:
                         value = base.replace(**{key: value}).to_flat()[key]
                     except ConfigError as exc:
