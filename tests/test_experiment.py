@@ -738,3 +738,54 @@ def test_a_frontier_series_may_combine_keys_and_a_redraw_may_take_a_new_layout(t
     names = {text.get_text() for ax in frontier.axes if ax.get_legend() for text in ax.get_legend().get_texts()}
     # one colour per (alpha, lr) combination, named by both keys
     assert len(names) == 6 and all(name.count(",") == 2 for name in names)
+
+
+SLEEPING_SWEEP = """
+import os, sys, time
+from pathlib import Path
+import fedgov.experiment as ex
+import fedgov.experiment.runner as runner
+
+real = runner.subprocess_runner
+pids = Path(sys.argv[1])
+
+def sleeper(command):  # stands in for fedgov.simulate: a run that would go on for a minute
+    return real([sys.executable, "-c",
+                 f"import os, time; open({str(pids)!r} + '/' + str(os.getpid()), 'w').close(); time.sleep(60)"])
+
+runner.subprocess_runner = sleeper
+sys.exit(ex.main(sys.argv[2:]))
+"""
+
+
+def test_sigterm_to_the_sweep_stops_the_runs_it_started(tmp_path):
+    import os
+    import signal
+    import time
+
+    path = write_experiment(tmp_path, TINY)
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    sweep = subprocess.Popen([sys.executable, "-c", SLEEPING_SWEEP, str(pids), str(path),
+                              "--out", str(tmp_path / "out"), "--jobs", "2"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    started: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(started) < 2 and time.monotonic() < deadline and sweep.poll() is None:
+            time.sleep(0.1)
+            started = [int(p.name) for p in pids.iterdir()]
+        assert len(started) == 2, "the sweep did not start both runs"
+        sweep.send_signal(signal.SIGTERM)
+        _, err = sweep.communicate(timeout=30)
+        assert sweep.returncode == 130 and "interrupted" in err
+        for pid in started:  # each run was stopped, not left running without its sweep
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+    finally:
+        sweep.kill()
+        for pid in started:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -116,6 +116,16 @@ def test_a_fee_per_identity_registers_what_the_budget_pays_for_and_merges_the_re
         unpaid_identities(FEE_ACTORS, fee=-1.0, budget=1.0)
 
 
+def test_a_budget_pays_for_the_identities_its_decimals_say_not_what_binary_floats_round_to():
+    from fedgov.governance.electorate import unpaid_identities
+
+    assert 1.0 // 0.1 == 9.0 and 0.3 / 0.1 < 3  # why the division is exact
+    whale = [0] * 12  # one actor behind twelve identities
+    assert sorted(unpaid_identities(whale, fee=0.1, budget=1.0)) == [10, 11]  # ten paid for, not nine
+    assert sorted(unpaid_identities(whale, fee=0.1, budget=0.3)) == list(range(3, 12))  # three
+    assert sorted(unpaid_identities(whale, fee=0.1, budget=0.35)) == list(range(3, 12))  # 3.5: still three
+
+
 def test_the_fee_and_the_catch_combine_and_the_audit_record_names_both():
     from fedgov.governance.electorate import registrar_record
 

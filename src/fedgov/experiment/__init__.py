@@ -23,12 +23,13 @@ An experiment file holds one ``[experiment]`` table::
 With variants the grid is optional; with both, every variant runs at every grid
 point. A variant and the grid may not set the same key. Where only some cells of the
 product are worth their cost, ``skip`` (in ``[experiment]``) leaves out every point
-that matches all keys of one entry::
+that matches all keys of one entry; an entry with a ``seed`` key leaves out only those
+seeds of the points it matches (a costly cell run with fewer seeds)::
 
-    skip = [{ "governance.weighting" = "samples", "governance.registrar_catch" = [0.5, 1.0] }]
+    skip = [{ "governance.weighting" = "samples", "governance.registrar_catch" = [0.5, 1.0] },
+            { variant = "10000-turnout100", seed = [1, 2] }]
 
-An entry with a ``seed`` key leaves out only those seeds of the points it matches (a costly
-cell run with fewer seeds).
+How the results are drawn::
 
     [experiment.plot]                 # optional
     x = "data.alpha"                  # a grid key (default: the first)

@@ -8,6 +8,7 @@ is one line on stderr and exit status 2; a failed run makes the exit status 1.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -38,6 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
@@ -51,11 +56,14 @@ def main(argv: list[str] | None = None) -> int:
         fail(PROG, str(exc))
     out = args.out if args.out is not None else exp.default_out(quick=args.quick)
     seeds = list(range(args.seeds)) if args.seeds is not None else None
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # stop the runs too, as Ctrl-C does
     try:
         results = run_experiment(exp, out=out, seeds=seeds, quick=args.quick, jobs=args.jobs, argv=argv,
                                  reuse_stale=args.reuse_stale)
     except KeyboardInterrupt:
         fail(PROG, f"interrupted; run the same command again to continue (finished runs are kept in {out})", 130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print_results(exp, out)
     failed = [r for r in results if not r.succeeded]
     if failed:

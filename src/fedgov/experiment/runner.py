@@ -12,6 +12,9 @@ A checkpoint records no code version, so before starting a fresh run the job wri
 ``launch.json`` into its folder: the code that starts it and the run directories that
 existed before. Only a run directory made after that launch, by the same code, is
 continued; any other checkpoint is left alone and the run starts afresh.
+
+:func:`subprocess_runner` keeps every run it starts in a registry, so that an interrupted
+sweep can stop them (:func:`stop_running`) rather than leave them running as orphans.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +43,7 @@ __all__ = [
     "execute_job",
     "find_completed",
     "find_resumable",
+    "stop_running",
     "subprocess_runner",
 ]
 
@@ -95,9 +100,34 @@ class RunResult:
 Runner = Callable[[list[str]], tuple[int, str, str]]
 
 
+_running: set[subprocess.Popen[str]] = set()
+_running_lock = threading.Lock()
+
+
 def subprocess_runner(command: list[str]) -> tuple[int, str, str]:
-    proc = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    return proc.returncode, proc.stdout, proc.stderr
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL)
+    with _running_lock:
+        _running.add(proc)
+    try:
+        stdout, stderr = proc.communicate()
+    finally:
+        with _running_lock:
+            _running.discard(proc)
+    return proc.returncode, stdout, stderr
+
+
+def stop_running() -> int:
+    """Send SIGTERM to every run :func:`subprocess_runner` still waits on; returns how many.
+
+    Each run stops its own workers (they exit when their server is gone) and keeps its last
+    checkpoint, so the next sweep continues it.
+    """
+    with _running_lock:
+        procs = [p for p in _running if p.poll() is None]
+    for proc in procs:
+        proc.terminate()
+    return len(procs)
 
 
 def _run_dirs(seed_dir: Path) -> list[Path]:

@@ -149,6 +149,7 @@ def run_experiment(exp: Experiment, *, out: Path, seeds: Sequence[int] | None = 
         except BaseException:
             for f in futures:
                 f.cancel()
+            _runner.stop_running()  # else the pool waits for runs still going, and a SIGTERM orphans them
             raise
     write_outputs(exp, results, out, meta, final=True)
     from ..plots import plot_experiment, plot_frontier

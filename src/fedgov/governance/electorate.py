@@ -23,8 +23,10 @@ and registrar runs: it weights every identity by its size.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -62,13 +64,14 @@ def unpaid_identities(actors: Sequence[int], *, fee: float, budget: float) -> di
     behind several identities pays from ``budget`` for them in id order, its own first, and
     registers ``floor(budget / fee)`` in all, at least its own; the others are not separate
     members, so they are merged into their actor as a caught sybil is. ``fee = 0`` charges
-    nothing and merges nothing.
+    nothing and merges nothing. The division is done on the decimals the config wrote, so a
+    budget of 1 at a fee of 0.1 pays for 10 identities (binary floats would give ``1.0 // 0.1 == 9``).
     """
     if fee < 0 or budget < 0:
         raise ValueError(f"a registrar's fee and an actor's budget cannot be negative; got {fee} and {budget}")
     if fee == 0:
         return {}
-    affordable = max(1, int(budget // fee))
+    affordable = max(1, math.floor(Fraction(repr(float(budget))) / Fraction(repr(float(fee)))))
     registered: dict[int, int] = {}
     unpaid: dict[int, int] = {}
     for c in sorted(range(len(actors)), key=lambda c: (actors[c] != c, c)):  # each actor's own identity first
