@@ -50,6 +50,13 @@ def _main_folder() -> Path:
     return _cited_folder(BENCH_DOC.read_text(), "Every number below is from")
 
 
+def _table_rows(text: str, width: int) -> list[list[str]]:
+    """The cells of every markdown table row of ``width`` columns in ``text``."""
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in text.splitlines()
+            if line.lstrip().startswith("|")]
+    return [cells for cells in rows if len(cells) == width]
+
+
 def _round_rows(results: dict) -> dict[tuple[str, str], dict]:
     return {(r["mechanism"], r["engine"]): r for r in results["rows"] if r["suite"] == "round" and r["kind"] == "round"}
 
@@ -69,9 +76,8 @@ def test_the_round_table_is_the_round_suite_of_the_quoted_folder():
     text = BENCH_DOC.read_text()
     rows = _round_rows(_results(_main_folder()))
     seen = set()
-    for line in text.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) != 6 or (cells[0], cells[1]) not in ROUND_ROWS:
+    for cells in _table_rows(text, 6):
+        if (cells[0], cells[1]) not in ROUND_ROWS:
             continue
         row = rows[ROUND_ROWS[cells[0], cells[1]]]
         assert cells[2:5] == [f"{row['round_seconds']:.3f}", f"{row['round_ratio']:.2f}", f"{row['floor_ratio']:.2f}"], cells
@@ -83,9 +89,8 @@ def test_the_overhead_table_is_the_aggregation_suite_at_ten_million_parameters()
     rows = {(r["mechanism"], r["preset"]): r for r in _results(_main_folder())["rows"]
             if r["suite"] == "aggregation" and r["kind"] == "measurement" and r["params"] == OVERHEAD_PARAMS}
     seen = set()
-    for line in BENCH_DOC.read_text().splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        name = next((n for n in OVERHEAD_ROWS if cells[0].startswith(n)), None) if len(cells) == 5 else None
+    for cells in _table_rows(BENCH_DOC.read_text(), 5):
+        name = next((n for n in OVERHEAD_ROWS if cells[0].startswith(n)), None)
         if name is None:
             continue
         row = rows[OVERHEAD_ROWS[name]]
