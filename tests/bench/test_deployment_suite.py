@@ -53,3 +53,19 @@ def test_the_suite_is_registered_and_its_quick_definition_is_small():
     quick = load_suite_spec(ROOT / "benchmarks", "deployment", quick=True)
     assert (full["members"], full["rounds"]) == (20, 10)  # the load the deployment issue asks for
     assert quick["members"] < full["members"] and quick["rounds"] < full["rounds"]
+
+
+def test_flower_is_handed_absolute_paths_when_the_results_folder_is_relative(tmp_path, monkeypatch):
+    """`--out benchmarks/results/X` is relative; Flower's CLI runs in the checkout and refuses a relative
+    root-certificates path (exiting 0), which failed every TLS run of the suite."""
+    import tomllib
+
+    from fedgov.bench.flower_processes import flower_environment, write_connection
+
+    monkeypatch.chdir(tmp_path)
+    env = flower_environment(Path("results/work"))
+    assert Path(env["HOME"]) == tmp_path.resolve() / "results/work/home"
+    assert Path(env["FLWR_HOME"]) == tmp_path.resolve() / "results/work/flwr-home"
+    write_connection(Path(env["FLWR_HOME"]), "bench", 9093, root_certificates=Path("results/work/tls/ca.crt"))
+    config = tomllib.loads((Path(env["FLWR_HOME"]) / "config.toml").read_text())
+    assert config["superlink"]["bench"]["root-certificates"] == str(tmp_path.resolve() / "results/work/tls/ca.crt")

@@ -260,6 +260,7 @@ class FlowerProcesses:
 
 def flower_environment(tmp_path: Path) -> dict[str, str]:
     """The environment of every Flower process of a test: an isolated Flower home, offline."""
+    tmp_path = tmp_path.resolve()  # Flower's processes run in other folders (the app's, the SuperLink's)
     env = dict(os.environ)
     env.update({
         # An isolated Flower home: the connection config, installed FABs and the
@@ -285,7 +286,8 @@ def write_connection(flwr_home: Path, name: str, superlink_port: int, *,
                      root_certificates: Path | None = None) -> None:
     """The `flwr` CLI finds SuperLinks by name in $FLWR_HOME/config.toml (Flower >= 1.42);
     with ``root_certificates`` it connects over TLS, trusting that CA, else in clear text."""
-    security = (f'root-certificates = "{root_certificates}"\n' if root_certificates is not None
+    # Flower refuses a relative root-certificates path (and reports it with exit status 0).
+    security = (f'root-certificates = "{root_certificates.resolve()}"\n' if root_certificates is not None
                 else "insecure = true\n")
     (flwr_home / "config.toml").write_text(
         "[superlink]\n"
@@ -298,7 +300,7 @@ def write_connection(flwr_home: Path, name: str, superlink_port: int, *,
 
 def register_supernode(procs: FlowerProcesses, app_dir: Path, connection: str, public_key: Path) -> int:
     """``flwr supernode register``: admit a member's key on the SuperLink; returns its node id."""
-    argv = [flower_bin("flwr"), "supernode", "register", str(public_key), connection, "--format", "json"]
+    argv = [flower_bin("flwr"), "supernode", "register", str(public_key.resolve()), connection, "--format", "json"]
     result = subprocess.run(argv, cwd=app_dir, env=procs.env, capture_output=True, text=True, timeout=60)
     with open(procs.log_dir / "flwr-supernode-register.log", "a") as handle:
         handle.write(f"$ {' '.join(argv)}\nexit {result.returncode}\n{result.stdout}\n{result.stderr}\n")

@@ -88,6 +88,7 @@ def measure_federation(transport: str, *, members: int, rounds: int, work: Path,
 
     if transport not in TRANSPORTS:
         raise ValueError(f"transport: {transport!r} is not one of {', '.join(TRANSPORTS)}")
+    work = work.resolve()  # `flwr` runs in the checkout: a relative --out would name other folders there
     work.mkdir(parents=True, exist_ok=True)
     env = flower_environment(work)
     procs = FlowerProcesses(work / "logs", env)
