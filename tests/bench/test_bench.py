@@ -510,3 +510,21 @@ def test_a_repeated_size_reports_the_pair_with_the_median_ratio(tmp_path, monkey
                                                     "round_seconds_median": 0.3, "evaluate_seconds": 1.0,
                                                     "peak_processes": 3, "final_accuracy": 0.5,
                                                     "floor_final_accuracy": 0.5}])
+
+
+def test_a_suite_with_a_failed_measurement_says_so_and_is_measured_again(fake_bench, capsys):
+    """The deployment suite's TLS federation once failed while the run printed `ok`, exited 0, and a
+    rerun would have kept the suite: a failed row now shows in the status line and the report, and
+    the next run measures that suite again."""
+    fakes, out = fake_bench.fakes, fake_bench.out
+    fakes["round"].run = lambda spec, ctx: [{"kind": "fake", "status": "ok"},
+                                            {"kind": "fake", "status": "failed", "error": "RuntimeError: no"}]
+    results = fake_bench(["aggregation", "round"])
+    assert results["suites"]["round"]["failed_measurements"] == 1
+    assert "failed_measurements" not in results["suites"]["aggregation"]
+    assert "[round] ok in" in capsys.readouterr().err.split("1 of them FAILED")[0]
+    assert "**1 measurement(s) failed**" in (out / "report.md").read_text()
+    fakes["round"].run = FakeSuite.run.__get__(fakes["round"])
+    fake_bench(["aggregation", "round"])
+    assert fakes["round"].runs == 1 and fakes["aggregation"].runs == 1  # round measured again, aggregation kept
+    assert "failed_measurements" not in json.loads((out / "results.json").read_text())["suites"]["round"]

@@ -181,7 +181,8 @@ def run_benchmarks(*, suites: list[str], quick: bool, device: str, out: Path, su
         made = _made_by(info, earlier)
         current = same_code(made, code)
         if name in specs:
-            keep = not fresh and info.get("status") == "ok" and info.get("spec") == specs[name]
+            keep = (not fresh and info.get("status") == "ok" and not info.get("failed_measurements")
+                    and info.get("spec") == specs[name])
             if keep and not current and not reuse_stale:
                 print(f"[{name}] measured by other code ({describe_code(made)}): measuring again "
                       f"(--reuse-stale keeps it, marked stale)", file=sys.stderr)
@@ -227,11 +228,15 @@ def run_benchmarks(*, suites: list[str], quick: bool, device: str, out: Path, su
                         traceback=traceback.format_exc(limit=8))
             print(f"[{name}] FAILED: {type(exc).__name__}: {exc}", file=sys.stderr)
         info["seconds"] = round(time.perf_counter() - started, 1)
+        failed_rows = sum(1 for r in rows if r.get("status") == "failed")
+        if failed_rows:  # e.g. a federation that never ran: measured again by the next run
+            info["failed_measurements"] = failed_rows
         results["suites"][name] = info
         results["rows"] = [r for r in results["rows"] if r.get("suite") != name]
         results["rows"] += [{"suite": name, **row} for row in rows]
         write_outputs(out, results)
-        print(f"[{name}] {info['status']} in {info['seconds']:.0f} s, {len(rows)} rows", file=sys.stderr)
+        failures = f"; {failed_rows} of them FAILED (see report.md)" if failed_rows else ""
+        print(f"[{name}] {info['status']} in {info['seconds']:.0f} s, {len(rows)} rows{failures}", file=sys.stderr)
     results["suites"] = {n: results["suites"][n] for n in SUITES if n in results["suites"]}
     results["rows"] = [r for r in results["rows"] if r.get("suite") in results["suites"]]
     results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -284,12 +289,16 @@ def main(argv: list[str] | None = None) -> int:
               f"(run the same command again to continue)", file=sys.stderr)
         return 130
     failed = [n for n, info in results["suites"].items() if info["status"] != "ok"]
+    incomplete = [n for n, info in results["suites"].items() if info.get("failed_measurements")]
     print((args.out / "report.md").read_text())
     if failed:
         print(f"fedgov.bench: suites failed: {', '.join(failed)} (see results.json)", file=sys.stderr)
+    if incomplete:
+        print(f"fedgov.bench: measurements failed in: {', '.join(incomplete)} (see report.md; the same command "
+              f"measures those suites again)", file=sys.stderr)
     stale = sorted(_stale_suites(results))
     if stale:
         print(f"fedgov.bench: kept suites measured by other code, marked stale: {', '.join(stale)}",
               file=sys.stderr)
     print(args.out)
-    return 1 if failed else 0
+    return 1 if failed or incomplete else 0

@@ -59,6 +59,8 @@ def render_report(results: dict[str, Any], figures: dict[str, list[str]]) -> str
         lines.append(f"Measured in {info.get('seconds', 0):.0f} s by `{by}`"
                      f"{', started ' + info['started'] if info.get('started') else ''}.")
         lines.append("")
+        if info.get("failed_measurements"):
+            lines += [f"**{info['failed_measurements']} measurement(s) failed**; the rows below say why.", ""]
         if info.get("stale"):
             lines += [f"**Stale**: kept with `--reuse-stale` from a run by other code "
                       f"({describe_code(info.get('code'))}), not the code named above.", ""]
