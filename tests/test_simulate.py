@@ -129,6 +129,9 @@ def test_the_engine_free_floor_runs_the_same_rounds_without_flower(small_run):
     assert [r["sampled"] for r in floor] == [r["sampled"] for r in flower]
     assert [r["accuracy"] for r in floor] == pytest.approx([r["accuracy"] for r in flower], abs=1e-9)
     assert [r["loss"] for r in floor] == pytest.approx([r["loss"] for r in flower], rel=1e-4)
+    # The members' evaluations, the papers' training loss included, are the floor's work too.
+    assert all(r["train_loss"] is not None for r in flower)
+    assert [r["train_loss"] for r in floor] == pytest.approx([r["train_loss"] for r in flower], rel=1e-4)
     for row in floor:
         phases = row["phase_seconds"]
         assert 0 < phases["local_train_max"] <= phases["train"] <= row["seconds"]

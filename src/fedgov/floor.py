@@ -60,10 +60,11 @@ def run_floor(cfg: Config, *, rounds: int | None = None,
     """Run ``rounds`` (default ``train.rounds``) floor rounds; one row per round.
 
     Each row has ``round``, ``seconds`` (the whole round), ``accuracy`` and ``loss`` (global
-    test set) and ``phase_seconds``: ``train`` (all local training, one cooperative after
-    another), ``local_train_max`` (the slowest cooperative's), ``aggregate``, ``evaluate``
-    (every cooperative's local evaluation, in the rounds ``train.evaluate_every`` picks) and
-    ``global_evaluate``.
+    test set), ``train_loss`` (the global model's loss over every member's training data, as
+    the members report it; None in rounds without their evaluations) and ``phase_seconds``:
+    ``train`` (all local training, one cooperative after another), ``local_train_max`` (the
+    slowest cooperative's), ``aggregate``, ``evaluate`` (every cooperative's local evaluation,
+    in the rounds ``train.evaluate_every`` picks) and ``global_evaluate``.
     """
     problem = floor_problem(cfg)
     if problem:
@@ -114,16 +115,21 @@ def _rounds(cfg: Config, federation: Any, device: torch.device, rounds: int,
         server_model.load_state_dict(global_state)
         aggregate_done = time.perf_counter()
 
+        train_losses: list[tuple[float, int]] = []
         if evaluates_cooperatives(server_round, every=every, last_round=cfg.train.rounds):
-            for coop in coops:
+            for coop in coops:  # what every member's ClientApp does when asked to evaluate
                 client_model.load_state_dict(global_state)
                 evaluate(client_model, coop.test.x, coop.test.y, device=device)
+                on_train = evaluate(client_model, coop.train.x, coop.train.y, device=device)  # the papers' training loss
+                train_losses.append((on_train.loss, on_train.num_examples))
         evaluate_done = time.perf_counter()
 
         result = evaluate(server_model, federation.global_test.x, federation.global_test.y, device=device)
         finished = time.perf_counter()
+        seen = sum(n for _, n in train_losses)
         row = {"round": server_round, "seconds": finished - started, "accuracy": result.accuracy,
                "loss": result.loss, "sampled": sampled,
+               "train_loss": sum(loss * n for loss, n in train_losses) / seen if seen else None,
                "phase_seconds": {"train": train_done - started, "local_train_max": max(local_seconds, default=0.0),
                                  "aggregate": aggregate_done - train_done, "evaluate": evaluate_done - aggregate_done,
                                  "global_evaluate": finished - evaluate_done}}
