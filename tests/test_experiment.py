@@ -789,3 +789,21 @@ def test_sigterm_to_the_sweep_stops_the_runs_it_started(tmp_path):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_once_a_sweep_is_stopped_no_run_starts_until_the_next_sweep(tmp_path):
+    """A pool thread that took a job just before the stop must not start its run after it
+    (the interrupted sweep would then wait for that run to finish)."""
+    from fedgov.experiment import runner
+
+    marker = tmp_path / "started"
+    command = [sys.executable, "-c", f"open({str(marker)!r}, 'w').close()"]
+    try:
+        runner.stop_running()
+        assert runner.subprocess_runner(command) == runner.STOPPED_BEFORE_START
+        assert not marker.exists()
+        runner.accept_runs()
+        status, _, _ = runner.subprocess_runner(command)
+        assert status == 0 and marker.exists()
+    finally:
+        runner.accept_runs()

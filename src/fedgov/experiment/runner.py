@@ -14,7 +14,8 @@ existed before. Only a run directory made after that launch, by the same code, i
 continued; any other checkpoint is left alone and the run starts afresh.
 
 :func:`subprocess_runner` keeps every run it starts in a registry, so that an interrupted
-sweep can stop them (:func:`stop_running`) rather than leave them running as orphans.
+sweep can stop them (:func:`stop_running`) rather than leave them running as orphans; after
+that, until :func:`accept_runs`, it starts no new one.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ __all__ = [
     "Job",
     "RunResult",
     "Runner",
+    "accept_runs",
     "build_jobs",
     "execute_job",
     "find_completed",
@@ -102,12 +104,16 @@ Runner = Callable[[list[str]], tuple[int, str, str]]
 
 _running: set[subprocess.Popen[str]] = set()
 _running_lock = threading.Lock()
+_stopping = False  # set by stop_running, under the lock: a run about to start must not start after it
+STOPPED_BEFORE_START = (-15, "", "stopped before it started: the sweep was interrupted")  # as if SIGTERMed
 
 
 def subprocess_runner(command: list[str]) -> tuple[int, str, str]:
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            stdin=subprocess.DEVNULL)
     with _running_lock:
+        if _stopping:
+            return STOPPED_BEFORE_START
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                stdin=subprocess.DEVNULL)
         _running.add(proc)
     try:
         stdout, stderr = proc.communicate()
@@ -121,13 +127,22 @@ def stop_running() -> int:
     """Send SIGTERM to every run :func:`subprocess_runner` still waits on; returns how many.
 
     Each run stops its own workers (they exit when their server is gone) and keeps its last
-    checkpoint, so the next sweep continues it.
+    checkpoint, so the next sweep continues it. Until :func:`accept_runs`, no new run starts.
     """
+    global _stopping
     with _running_lock:
+        _stopping = True
         procs = [p for p in _running if p.poll() is None]
     for proc in procs:
         proc.terminate()
     return len(procs)
+
+
+def accept_runs() -> None:
+    """Let :func:`subprocess_runner` start runs again (a sweep calls it as it starts)."""
+    global _stopping
+    with _running_lock:
+        _stopping = False
 
 
 def _run_dirs(seed_dir: Path) -> list[Path]:

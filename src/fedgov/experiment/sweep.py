@@ -130,6 +130,7 @@ def run_experiment(exp: Experiment, *, out: Path, seeds: Sequence[int] | None = 
     }
     earlier = _earlier_runs(out)
     results: list[RunResult] = []
+    _runner.accept_runs()  # an earlier sweep in this process may have been interrupted
     with _Reporter(len(todo)) as reporter, ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         def work(job: Job) -> RunResult:
             reporter.started(job)
