@@ -27,7 +27,7 @@ from .governance.weighting import policy_weights
 from .models import build_model
 from .preflight import resolve_federation
 from .sampling import cohort_sampler, evaluates_cooperatives, evaluation_interval, training_seed
-from .task import evaluate, make_loader, resolve_device, train
+from .task import evaluate, make_loader, pooled_loss, resolve_device, train
 
 __all__ = ["FloorError", "floor_problem", "run_floor"]
 
@@ -126,10 +126,9 @@ def _rounds(cfg: Config, federation: Any, device: torch.device, rounds: int,
 
         result = evaluate(server_model, federation.global_test.x, federation.global_test.y, device=device)
         finished = time.perf_counter()
-        seen = sum(n for _, n in train_losses)
         row = {"round": server_round, "seconds": finished - started, "accuracy": result.accuracy,
                "loss": result.loss, "sampled": sampled,
-               "train_loss": sum(loss * n for loss, n in train_losses) / seen if seen else None,
+               "train_loss": pooled_loss(train_losses),
                "phase_seconds": {"train": train_done - started, "local_train_max": max(local_seconds, default=0.0),
                                  "aggregate": aggregate_done - train_done, "evaluate": evaluate_done - aggregate_done,
                                  "global_evaluate": finished - evaluate_done}}

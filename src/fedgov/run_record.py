@@ -22,6 +22,7 @@ from flwr.app import ArrayRecord
 from .config import Config
 from .results import atomic_write_text, read_jsonl, write_json, write_jsonl
 from .strategies.recorder import RoundLog
+from .task import pooled_loss
 
 __all__ = ["RunRecord", "Checkpoint", "fairness", "library_versions"]
 
@@ -162,10 +163,8 @@ class RunRecord:
         weights = {str(c): w for c, w in sorted(log.weights.items())}
         coop_acc = {str(c): m["eval_acc"] for c, m in sorted(log.client_eval.items()) if "eval_acc" in m}
         # FedProx's training loss: the global model's loss on every member's training data, weighted by its size.
-        train_losses = [(m["train_loss"], m["num-train"]) for m in log.client_eval.values()
-                        if "train_loss" in m and m.get("num-train", 0) > 0]
-        train_loss = (sum(loss * n for loss, n in train_losses) / sum(n for _, n in train_losses)
-                      if train_losses else None)
+        train_loss = pooled_loss([(m["train_loss"], m["num-train"]) for m in log.client_eval.values()
+                                  if "train_loss" in m and m.get("num-train", 0) > 0])
         local_seconds = [m.get("seconds_local_train", 0.0) for m in log.client_train.values()]
         evaluate_seconds = [m.get("seconds_local_evaluate", 0.0) for m in log.client_eval.values()]
         row = {

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from .models import LogisticRegression
 
-__all__ = ["TrainResult", "EvalResult", "make_loader", "train", "evaluate", "resolve_device"]
+__all__ = ["TrainResult", "EvalResult", "make_loader", "train", "evaluate", "pooled_loss", "resolve_device"]
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,13 @@ class EvalResult:
     num_examples: int
     loss: float
     accuracy: float
+
+
+def pooled_loss(losses: list[tuple[float, int]]) -> float | None:
+    """The loss over the union of several datasets, from each one's (mean loss, examples);
+    None when they hold no example (FedProx's training loss is this over every member)."""
+    seen = sum(n for _, n in losses)
+    return sum(loss * n for loss, n in losses) / seen if seen else None
 
 
 def resolve_device(name: str) -> torch.device:
